@@ -14,4 +14,13 @@ Modules, one job each:
 - ``cli``        the ``ssd-run`` command
 """
 
+import os as _os
+
+# torch is the default backend (Keras itself would default to tensorflow, an optional
+# extra here). An explicit KERAS_BACKEND always wins.
+_os.environ.setdefault("KERAS_BACKEND", "torch")
+# With OpenMP's default passive wait policy, 2 torch threads ran 3-5x slower than one on
+# small CPU machines (measured, see DESIGN.md); it must be set before torch is imported.
+_os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
 __version__ = "0.1.0"
