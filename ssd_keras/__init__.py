@@ -19,8 +19,10 @@ import os as _os
 # torch is the default backend (Keras itself would default to tensorflow, an optional
 # extra here). An explicit KERAS_BACKEND always wins.
 _os.environ.setdefault("KERAS_BACKEND", "torch")
-# With OpenMP's default passive wait policy, 2 torch threads ran 3-5x slower than one on
-# small CPU machines (measured, see DESIGN.md); it must be set before torch is imported.
-_os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+# OpenMP's default wait policy made 2 torch threads 3-5x slower than one on small CPU
+# machines (DESIGN.md); ACTIVE (spinning) fixed that on an idle machine but was ~6x slower
+# than PASSIVE as soon as another process shared the cores. PASSIVE is the safe default.
+# It must be set before torch is imported; an explicit setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -40,6 +40,10 @@ class NonFiniteLossError(RuntimeError):
 class Stopped(Exception):
     """Training was stopped by a signal after writing a checkpoint."""
 
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
+
 
 class Trainer:
     def __init__(
@@ -65,7 +69,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self._grad_fns: dict = {}
-        self._stop_requested = False
+        self._stop_requested = None  # the signal number once SIGINT/SIGTERM arrived
         self._prepare_run_dir(resume, allow_config_change)
 
     # ------------------------------------------------------------------ run dir
@@ -235,7 +239,10 @@ class Trainer:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:09d}.png")
                 if self._stop_requested:
                     path = self.save()
-                    raise Stopped(f"stopped by signal at step {self.step}; checkpoint {path}")
+                    name = signal.Signals(self._stop_requested).name
+                    raise Stopped(
+                        f"stopped by {name} at step {self.step}; checkpoint {path}; run the same "
+                        f"command again to resume", self._stop_requested)
             if self.step == goal:
                 self.save()
         finally:
@@ -306,7 +313,7 @@ class Trainer:
         def handler(signum, frame):
             if self._stop_requested:  # second signal: leave now; checkpoint writes are atomic
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested = signum
             warnings.warn(
                 f"{signal.Signals(signum).name} received: finishing step {self.step + 1}, "
                 f"writing a checkpoint and stopping (send it again to stop at once)",

@@ -1,7 +1,7 @@
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_report_header(config):

@@ -1,0 +1,7 @@
+"""``python -m ssd_keras`` is ``ssd-run``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
