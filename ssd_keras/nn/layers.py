@@ -1,0 +1,412 @@
+"""ADM (guided-diffusion) UNet blocks as Keras 3 layers, channels-last (NHWC).
+
+Each block mirrors a module of guided-diffusion's ``unet.py`` (Dhariwal & Nichol 2021)
+and names its sub-layers after that module's children, with ``_`` in place of ``.``
+(torch-backend Keras registers variables as torch parameters, whose names may not hold
+dots). A guided-diffusion state dict maps onto the Keras variables by path: replace
+``/`` and every ``_<digits>`` by ``.<digits>``, e.g. ``input_blocks_1_0/in_layers_2/kernel``
+<- ``input_blocks.1.0.in_layers.2.weight`` (conv kernels transposed OIHW -> HWIO; the
+attention ``qkv``/``proj_out`` 1x1 conv1d weights become Dense kernels; GroupNorm
+``gamma``/``beta`` <- ``weight``/``bias``). Two containers repeat their prefix:
+``time_embed/time_embed_0`` <- ``time_embed.0`` and ``out/out_0`` <- ``out.0``.
+
+Mixed precision: layers take a Keras dtype policy (``dtype=``). Group normalization and
+the sinusoidal timestep features always compute in float32 (as ADM's ``GroupNorm32``);
+every other op runs in the policy's compute dtype, variables stay float32.
+
+Initialization follows PyTorch's defaults (kaiming-uniform with a=sqrt(5), i.e.
+``VarianceScaling(1/3, "fan_in", "uniform")``) for kernels; biases start at zero (PyTorch
+draws them uniformly, an irrelevant difference), and the convs ADM zero-initializes
+(``zero_module``) start at zero: the last conv of every ResBlock, the attention output
+projection and the output head's conv.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from ssd_keras.backend import group_norm
+
+
+def torch_default_init():
+    """Kernel initializer equal in distribution to PyTorch's default for Conv/Linear."""
+    return keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+    )
+
+
+def _conv(filters, kernel_size, name, dtype, zero=False, strides=1, padding="same"):
+    init = "zeros" if zero else torch_default_init()
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_initializer=init,
+        bias_initializer="zeros",
+        name=name,
+        dtype=dtype,
+    )
+
+
+def _dense(units, name, dtype, zero=False):
+    init = "zeros" if zero else torch_default_init()
+    return keras.layers.Dense(
+        units,
+        kernel_initializer=init,
+        bias_initializer="zeros",
+        name=name,
+        dtype=dtype,
+    )
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class GroupNorm(keras.layers.Layer):
+    """GroupNorm(groups) over the last axis, computed in float32 (ADM's GroupNorm32).
+
+    ``gamma``/``beta`` are float32 and never autocast; the output is cast back to the
+    input's dtype. The kernel is ``ssd_keras.backend.group_norm`` (native torch kernel
+    on torch, ``keras.ops`` elsewhere).
+    """
+
+    def __init__(self, groups=32, epsilon=1e-5, **kwargs):
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        self.groups = int(groups)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels % self.groups:
+            raise ValueError(
+                f"GroupNorm '{self.name}': {channels} channels are not divisible "
+                f"into {self.groups} groups"
+            )
+        self.gamma = self.add_weight(
+            shape=(channels,), initializer="ones", name="gamma", autocast=False
+        )
+        self.beta = self.add_weight(
+            shape=(channels,), initializer="zeros", name="beta", autocast=False
+        )
+
+    def call(self, x):
+        dtype = x.dtype
+        y = group_norm(
+            ops.cast(x, "float32"),
+            self.groups,
+            ops.cast(self.gamma, "float32"),
+            ops.cast(self.beta, "float32"),
+            self.epsilon,
+        )
+        return ops.cast(y, dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class TimestepEmbedding(keras.layers.Layer):
+    """ADM ``timestep_embedding`` (cos | sin, max_period 10000) then ``time_embed`` MLP.
+
+    ``t`` (B,) holds the original timestep indices as floats; the sinusoids are computed
+    in float32 whatever the policy (bfloat16 cannot even represent t = 999 exactly).
+    Sub-layers: ``time_embed.0`` (Dense), SiLU, ``time_embed.2`` (Dense).
+    """
+
+    def __init__(self, model_channels, embed_dim, max_period=10000.0, **kwargs):
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        if model_channels % 2:
+            raise ValueError("TimestepEmbedding: model_channels must be even")
+        self.model_channels = int(model_channels)
+        self.embed_dim = int(embed_dim)
+        self.max_period = float(max_period)
+        self.linear_0 = _dense(self.embed_dim, "time_embed_0", self.dtype_policy)
+        self.linear_2 = _dense(self.embed_dim, "time_embed_2", self.dtype_policy)
+
+    def build(self, t_shape):
+        self.linear_0.build((None, self.model_channels))
+        self.linear_2.build((None, self.embed_dim))
+
+    def sinusoids(self, t):
+        half = self.model_channels // 2
+        freqs = ops.exp(
+            ops.arange(half, dtype="float32") * (-math.log(self.max_period) / half)
+        )
+        args = ops.cast(t, "float32")[:, None] * freqs[None, :]
+        return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+
+    def call(self, t):
+        emb = ops.cast(self.sinusoids(t), self.compute_dtype)
+        return self.linear_2(ops.silu(self.linear_0(emb)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "model_channels": self.model_channels,
+            "embed_dim": self.embed_dim,
+            "max_period": self.max_period,
+        }
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class ResBlock(keras.layers.Layer):
+    """ADM ResBlock with scale-shift norm, called as ``block(x, emb, training=...)``.
+
+    ``h = conv3x3(SiLU(GN(x)))``; ``scale, shift = Dense(SiLU(emb))``;
+    ``h = conv3x3_zero(dropout(SiLU(GN(h) * (1 + scale) + shift)))``; returns
+    ``skip(x) + h`` with ``skip`` a 1x1 conv when the channel count changes.
+    Sub-layer names: ``in_layers.0`` (GN), ``in_layers.2`` (conv), ``emb_layers.1``
+    (Dense), ``out_layers.0`` (GN), ``out_layers.2`` (Dropout), ``out_layers.3`` (conv),
+    ``skip_connection`` (1x1 conv).
+    """
+
+    def __init__(self, out_channels, dropout=0.0, use_scale_shift_norm=True, **kwargs):
+        super().__init__(**kwargs)
+        self.out_channels = int(out_channels)
+        self.dropout = float(dropout)
+        self.use_scale_shift_norm = bool(use_scale_shift_norm)
+        p = self.dtype_policy
+        c = self.out_channels
+        self.in_norm = GroupNorm(32, name="in_layers_0", dtype=p)
+        self.in_conv = _conv(c, 3, "in_layers_2", p)
+        self.emb_linear = _dense(2 * c if self.use_scale_shift_norm else c, "emb_layers_1", p)
+        self.out_norm = GroupNorm(32, name="out_layers_0", dtype=p)
+        self.out_dropout = keras.layers.Dropout(self.dropout, name="out_layers_2", dtype=p)
+        self.out_conv = _conv(c, 3, "out_layers_3", p, zero=True)
+        self.skip_connection = None
+
+    def build(self, x_shape, emb_shape):
+        in_channels = x_shape[-1]
+        self.in_channels = int(in_channels)
+        self.in_norm.build(x_shape)
+        self.in_conv.build(x_shape)
+        self.emb_linear.build(emb_shape)
+        h_shape = tuple(x_shape[:-1]) + (self.out_channels,)
+        self.out_norm.build(h_shape)
+        self.out_conv.build(h_shape)
+        if in_channels != self.out_channels:
+            self.skip_connection = _conv(
+                self.out_channels, 1, "skip_connection", self.dtype_policy
+            )
+            self.skip_connection.build(x_shape)
+
+    def call(self, x, emb, training=None):
+        h = self.in_conv(ops.silu(self.in_norm(x)))
+        emb_out = self.emb_linear(ops.silu(emb))[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = ops.split(emb_out, 2, axis=-1)
+            h = self.out_norm(h) * (1.0 + scale) + shift
+        else:
+            h = self.out_norm(h + emb_out)
+        h = self.out_conv(self.out_dropout(ops.silu(h), training=training))
+        skip = x if self.skip_connection is None else self.skip_connection(x)
+        return skip + h
+
+    def compute_output_shape(self, x_shape, emb_shape):
+        return tuple(x_shape[:-1]) + (self.out_channels,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "out_channels": self.out_channels,
+            "dropout": self.dropout,
+            "use_scale_shift_norm": self.use_scale_shift_norm,
+        }
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class AttentionBlock(keras.layers.Layer):
+    """ADM AttentionBlock: multi-head self-attention over all spatial positions.
+
+    ``qkv`` (Dense 3C, ADM's 1x1 conv1d) uses ADM's *legacy* channel layout
+    ``[head][q|k|v][head_channels]`` (``QKVAttentionLegacy``, guided-diffusion's default),
+    attention is ``softmax(q k^T / sqrt(head_channels)) v`` and ``proj_out`` is
+    zero-initialized; returns ``x + proj_out(attention(GN(x)))``.
+    Heads: ``num_heads``, or ``channels // num_head_channels`` when
+    ``num_head_channels != -1`` (as ADM).
+    """
+
+    def __init__(self, num_heads=1, num_head_channels=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.num_head_channels = int(num_head_channels)
+        self.norm = GroupNorm(32, name="norm", dtype=self.dtype_policy)
+
+    def heads_for(self, channels):
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+        else:
+            if channels % self.num_head_channels:
+                raise ValueError(
+                    f"AttentionBlock '{self.name}': {channels} channels are not a "
+                    f"multiple of num_head_channels={self.num_head_channels}"
+                )
+            heads = channels // self.num_head_channels
+        if heads < 1 or channels % heads:
+            raise ValueError(
+                f"AttentionBlock '{self.name}': {channels} channels cannot be split "
+                f"into {heads} heads"
+            )
+        return heads
+
+    def build(self, x_shape):
+        channels = int(x_shape[-1])
+        self.channels = channels
+        self.heads = self.heads_for(channels)
+        self.norm.build(x_shape)
+        self.qkv = _dense(3 * channels, "qkv", self.dtype_policy)
+        self.qkv.build((None, None, channels))
+        self.proj_out = _dense(channels, "proj_out", self.dtype_policy, zero=True)
+        self.proj_out.build((None, None, channels))
+
+    def call(self, x):
+        shape = ops.shape(x)
+        b, c = shape[0], self.channels
+        heads, ch = self.heads, self.channels // self.heads
+        h = ops.reshape(self.norm(x), (b, -1, c))
+        qkv = ops.reshape(self.qkv(h), (b, -1, heads, 3, ch))
+        q, k, v = qkv[:, :, :, 0, :], qkv[:, :, :, 1, :], qkv[:, :, :, 2, :]
+        a = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch))
+        h = self.proj_out(ops.reshape(a, (b, -1, c)))
+        return x + ops.reshape(h, shape)
+
+    def compute_output_shape(self, x_shape):
+        return x_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "num_head_channels": self.num_head_channels,
+        }
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class Downsample(keras.layers.Layer):
+    """ADM Downsample with ``conv_resample``: 3x3 conv, stride 2, padding 1 (``op``).
+
+    The padding is explicit and symmetric like torch's ``padding=1`` (Keras's "same"
+    with stride 2 would pad only bottom/right and shift the sampling grid).
+    """
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+        self.op = _conv(self.channels, 3, "op", self.dtype_policy, strides=2, padding="valid")
+
+    def build(self, x_shape):
+        self.op.build(x_shape)
+
+    def call(self, x):
+        return self.op(ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+    def compute_output_shape(self, x_shape):
+        def half(n):
+            return None if n is None else (n + 2 - 3) // 2 + 1
+
+        return (x_shape[0], half(x_shape[1]), half(x_shape[2]), self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class Upsample(keras.layers.Layer):
+    """ADM Upsample with ``conv_resample``: nearest 2x, then a 3x3 conv (``conv``)."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+        self.conv = _conv(self.channels, 3, "conv", self.dtype_policy)
+
+    def build(self, x_shape):
+        self.conv.build(x_shape)
+
+    def call(self, x):
+        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
+
+    def compute_output_shape(self, x_shape):
+        def double(n):
+            return None if n is None else 2 * n
+
+        return (x_shape[0], double(x_shape[1]), double(x_shape[2]), self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class OutputHead(keras.layers.Layer):
+    """ADM ``out``: GN (``out.0``), SiLU, zero-initialized 3x3 conv (``out.2``).
+
+    The result is cast to float32 (the usual last step of a mixed-precision model).
+    """
+
+    def __init__(self, out_channels, **kwargs):
+        super().__init__(**kwargs)
+        self.out_channels = int(out_channels)
+        self.norm = GroupNorm(32, name="out_0", dtype=self.dtype_policy)
+        self.conv = _conv(self.out_channels, 3, "out_2", self.dtype_policy, zero=True)
+
+    def build(self, x_shape):
+        self.norm.build(x_shape)
+        self.conv.build(x_shape)
+
+    def call(self, x):
+        return ops.cast(self.conv(ops.silu(self.norm(x))), "float32")
+
+    def get_config(self):
+        return {**super().get_config(), "out_channels": self.out_channels}
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class ZeroSkip(keras.layers.Layer):
+    """Zero-filled skip tensor (B, H, W, channels) shaped like its input's batch/space.
+
+    Fed to the decoder blocks of a path's output level when the encoder never ran at
+    that resolution (resolution-increasing paths).
+    """
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+
+    def call(self, h):
+        shape = ops.shape(h)
+        return ops.zeros((shape[0], shape[1], shape[2], self.channels), dtype=h.dtype)
+
+    def compute_output_shape(self, h_shape):
+        return tuple(h_shape[:-1]) + (self.channels,)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class ResizeInput(keras.layers.Layer):
+    """Bilinear resize (half-pixel centers, no antialiasing) to ``size x size``.
+
+    Used by the official code's full-resolution change step, which upsamples x_t to
+    the full resolution and runs the plain full-resolution path.
+    """
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = int(size)
+
+    def call(self, x):
+        return ops.image.resize(
+            x, (self.size, self.size), interpolation="bilinear", antialias=False
+        )
+
+    def compute_output_shape(self, x_shape):
+        return (x_shape[0], self.size, self.size, x_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
