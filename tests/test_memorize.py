@@ -8,6 +8,7 @@ the training images.
 
 import numpy as np
 import pytest
+from keras import ops
 from PIL import Image
 
 from ssd_keras.config import from_dict
@@ -54,9 +55,10 @@ def memorized(tmp_path_factory):
 @pytest.mark.parametrize("noise", ["exact", "lanczos"])
 def test_samples_reproduce_the_memorized_images(memorized, noise):
     trainer, targets = memorized
-    result = sample_images(trainer.ema_model(), trainer.process, trainer.objective, num_images=6,
+    process = trainer.process
+    result = sample_images(trainer.ema_model(), process, trainer.objective, num_images=6,
                            steps=50, noise=noise, lanczos_iterations=20, seed=1, batch_size=6,
-                           progress=False)
+                           record_progression=True, progress=False)
     assert result.images.shape == (6, SIZE, SIZE, 3)
     # per sample: mean absolute error to the nearest training image (values in [-1, 1])
     err = np.abs(result.images[:, None] - targets[None]).mean(axis=(2, 3, 4))
@@ -64,3 +66,18 @@ def test_samples_reproduce_the_memorized_images(memorized, noise):
     assert nearest.max() < 0.12, nearest
     # and far from the other one: the samples are the images, not a blend of them
     assert np.all(err.max(axis=1) > 0.4), err
+
+    # Along the way, each x_t must be distributed as the forward marginal of the image the
+    # sample ends at: (x_t - a_t D_{1:t} x0) / sigma_t is standard normal. A wrong
+    # posterior mean or noise scale breaks this even when the last x0 prediction recovers.
+    nearest_image = targets[err.argmin(axis=1)]
+    checked = 0
+    for frame in result.frames:
+        t = frame["t"]
+        if process.noise_std[t] < 0.2:
+            continue
+        clean = ops.convert_to_numpy(process.degrade(nearest_image, process.r[t]))
+        z = (frame["x_t"] - process.signal[t] * clean) / process.noise_std[t]
+        assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15, (t, z.mean(), z.std())
+        checked += 1
+    assert checked >= 4
