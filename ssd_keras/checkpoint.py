@@ -21,6 +21,9 @@ import numpy as np
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{9})\.npz$")
+_TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0o022)  # read the process umask (mkstemp creates files 0600) ...
+os.umask(_UMASK)  # ... and put it back
 
 
 class CheckpointError(RuntimeError):
@@ -32,9 +35,13 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(directory: str | Path, step: int, groups: dict[str, list], meta: dict) -> Path:
-    """Write ``groups`` (name -> list of arrays) and ``meta`` atomically; return the path."""
+    """Write ``groups`` (name -> list of arrays) and ``meta`` atomically; return the path.
+
+    A failure (disk full, unwritable directory, an interrupt) leaves the directory as it
+    was: no temporary file behind, an existing checkpoint of the same step untouched. I/O
+    failures raise ``CheckpointError`` naming the file and the reason.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     payload = {}
     for group, arrays in groups.items():
         for i, a in enumerate(arrays):
@@ -43,18 +50,52 @@ def save_checkpoint(directory: str | Path, step: int, groups: dict[str, list], m
                   groups={g: len(a) for g, a in groups.items()})
     payload["__meta__"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     final = checkpoint_path(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+
+    def write(f):
+        np.savez(f, **payload)
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(final, write)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {exc.strerror or exc}; the previous "
+            f"checkpoints are untouched"
+        ) from exc
+    return final
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Create or replace ``path`` atomically: ``write(binary_file)`` fills a temporary file
+    in the same directory, which is flushed, synced and renamed over ``path``.
+
+    On any failure (``OSError``, ``KeyboardInterrupt``, ...) the temporary file is removed
+    and ``path`` keeps its old content; the exception propagates.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
+            if hasattr(os, "fchmod"):  # the permissions of a file made with open()
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
-    _fsync_dir(directory)
-    return final
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``atomic_write`` of UTF-8 text."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, list[np.ndarray]], dict]:
@@ -112,7 +153,7 @@ def prune_checkpoints(directory: str | Path, keep: int, milestones=()) -> list[P
         if step not in spare:
             path.unlink(missing_ok=True)
             removed.append(path)
-    for leftover in Path(directory).glob(".tmp-*.npz"):  # from a run killed mid-write
+    for leftover in Path(directory).glob(f"{_TMP_PREFIX}*.npz"):  # from a run killed mid-write
         leftover.unlink(missing_ok=True)
     return removed
 

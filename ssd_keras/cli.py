@@ -54,19 +54,26 @@ def train(
     from .train import Trainer
 
     cfg = load_pipeline(pipeline, set_)
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps {steps}: must be >= 1")
     trainer = Trainer(cfg, resume=not fresh, allow_config_change=allow_config_change, progress=progress)
-    where = f"resuming {trainer.run_dir} at step {trainer.step}" if trainer.resumed_from else f"new run {trainer.run_dir}"
-    _say(f"{where}; training to step {cfg.train.steps} (backend {_backend()})")
-    summary = trainer.fit(steps)
-    rate = summary["steps_run"] / max(summary["seconds"], 1e-9)
-    _say(
-        f"step {summary['step']}: {summary['steps_run']} steps in {summary['seconds']:.0f} s "
-        f"({rate:.2f} steps/s); checkpoints in {trainer.ckpt_dir}"
-        + (f"; {summary['skipped']} non-finite steps skipped" if summary["skipped"] else "")
-    )
-    if summary["step"] >= cfg.train.steps:
-        out = trainer.run_dir / "samples" / "final"
-        _write_samples(trainer.ema_model(), trainer.process, trainer.objective, cfg, out)
+    try:
+        where = (f"resuming {trainer.run_dir} at step {trainer.step} from {trainer.resumed_from.name}"
+                 if trainer.resumed_from else f"new run {trainer.run_dir}")
+        _say(f"{where}; training to step {cfg.train.steps} (backend {_backend()})")
+        summary = trainer.fit(steps)
+        rate = summary["steps_run"] / max(summary["seconds"], 1e-9)
+        _say(
+            f"step {summary['step']}: {summary['steps_run']} steps in {summary['seconds']:.0f} s "
+            f"({rate:.2f} steps/s); checkpoints in {trainer.ckpt_dir}"
+            + (f"; {summary['skipped']} non-finite steps skipped" if summary["skipped"] else "")
+        )
+        if summary["step"] >= cfg.train.steps:
+            out = trainer.run_dir / "samples" / "final"
+            _write_samples(trainer.ema_model(), trainer.process, trainer.objective, cfg, out,
+                           progress=progress)
+    finally:
+        trainer.close()
 
 
 # ---------------------------------------------------------------------------- sample
@@ -112,6 +119,100 @@ def sample(
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
          f"{len(process.respace(s.steps))} network calls per image")
     _write_samples(model, process, objective, cfg, out, progress=progress)
+
+
+
+# ---------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    run: Optional[str] = typer.Argument(None, help="Run directory or name (default: the most recent run)."),
+    num_images: Optional[int] = typer.Option(
+        None, "--num-images", "-n",
+        help="Samples to draw and real images to compare with (default 1000; with --samples-dir: all found)."),
+    steps: Optional[int] = typer.Option(None, help="Respaced sampling steps K (change steps are added)."),
+    noise: Optional[str] = typer.Option(None, help="Posterior noise on change steps: exact | lanczos."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (also seeds the KID subsets)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per sampling batch."),
+    inception_weights: Optional[Path] = typer.Option(
+        None, help="Local Keras InceptionV3 no-top weights file: adds FID and KID (comparable only "
+                   "within this tool, not with published FIDs)."),
+    samples_dir: Optional[Path] = typer.Option(
+        None, help="Evaluate the PNGs in this folder (or its images/) instead of sampling."),
+    out: Optional[Path] = typer.Option(
+        None, help="Output folder for metrics.json (and samples) (default: RUN/eval/<settings>, "
+                   "or --samples-dir)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Where runs live."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Sample quality: FD-pix8, KID-pix8, channel stats, nearest-neighbour ratio (+ FID/KID)."""
+    from .config import from_dict
+    from .metrics import (
+        draw_data_images, evaluate_images, format_table, inception_model, load_image_folder,
+        quantize, save_json,
+    )
+    from .train import CHANNELS, load_run
+
+    if num_images is not None and num_images < 2:
+        raise UserError(f"--num-images {num_images}: must be >= 2")
+    if inception_weights is not None and not inception_weights.is_file():
+        raise UserError(f"--inception-weights {inception_weights}: no such file")
+    run_dir = _find_run(run, runs_dir)
+    cfg, groups, meta, path = load_run(run_dir)
+    overrides = {k: v for k, v in dict(
+        steps=steps, noise=noise, num_images=num_images or 1000, batch_size=batch_size,
+        seed=seed).items() if v is not None}
+    d = cfg.to_dict()
+    d["sampler"].update(overrides)
+    cfg = from_dict(d, source=f"{path} (with command-line options)")
+    s = cfg.sampler
+    info = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"]}
+    if samples_dir is not None:
+        try:
+            samples = load_image_folder(samples_dir, image_size=cfg.process.image_size, limit=num_images)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        out = out or samples_dir
+        info["samples_dir"] = str(samples_dir)
+    else:
+        from .builders import build_model, build_process
+        from .images import save_grid, save_image, to_uint8
+        from .objectives import make_objective
+        from .sample import sample_images
+
+        model = build_model(cfg, precision="float32", channels=CHANNELS)
+        for v, a in zip(model.trainable_variables, groups["ema"]):
+            v.assign(a)
+        process = build_process(cfg)
+        objective = make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
+        out = out or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}_n{s.num_images}"
+        _say(f"sampling {s.num_images} images from {path} (EMA weights), "
+             f"{len(process.respace(s.steps))} network calls per image")
+        start = time.perf_counter()
+        result = sample_images(
+            model, process, objective, num_images=s.num_images, steps=s.steps, noise=s.noise,
+            lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance, seed=s.seed,
+            batch_size=s.batch_size, progress=progress,
+        )
+        info["sampling_seconds"] = round(time.perf_counter() - start, 3)
+        info["sampler"] = {k: getattr(s, k) for k in (
+            "steps", "noise", "lanczos_iterations", "clip", "variance", "seed", "batch_size")}
+        samples = quantize(result.images)
+        save_grid(samples[:64], out / "grid.png")
+        for i, img in enumerate(to_uint8(samples)):
+            save_image(img, out / "images" / f"{i:05d}.png")
+    data = quantize(draw_data_images(cfg, len(samples)))
+    if len(data) < len(samples):
+        _say(f"note: the dataset has only {len(data)} images; comparing with all of them")
+    feature_model = None
+    if inception_weights is not None:
+        try:
+            feature_model = inception_model(inception_weights)
+        except ValueError as exc:  # a file Keras cannot read as InceptionV3 weights
+            raise UserError(f"--inception-weights {inception_weights}: {exc}") from None
+    result = evaluate_images(samples, data, feature_model=feature_model, seed=s.seed)
+    result.update(info)
+    _say(format_table(result))
+    _say(f"wrote {save_json(result, out / 'metrics.json')}")
 
 
 def _write_samples(model, process, objective, cfg, out: Path, progress: bool = True) -> None:
@@ -170,13 +271,17 @@ def inspect(
     pipeline: Path = typer.Argument(..., help="Pipeline TOML file."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     plot: Optional[Path] = typer.Option(None, help="Save r(t) and the per-step cost as an image here."),
+    steps: List[int] = typer.Option([], "--steps", help="Sampling steps K to cost (repeatable; default: T and 250)."),
 ):
-    """Levels, r(t), parameters and FLOPs per path, and costs relative to DDPM."""
+    """Levels, r(t), parameters, FLOPs per path, costs relative to DDPM, training memory."""
     from .config import load_pipeline
     from .inspection import describe_pipeline, plot_schedule
 
     cfg = load_pipeline(pipeline, set_)
-    report = describe_pipeline(cfg)
+    bad = [k for k in steps if not 2 <= k <= cfg.process.timesteps]
+    if bad:
+        raise UserError(f"--steps {bad[0]}: must lie in [2, {cfg.process.timesteps}] (process.timesteps)")
+    report = describe_pipeline(cfg, steps=steps or (cfg.process.timesteps, 250))
     _say(report.text)
     if plot:
         _say(f"wrote {plot_schedule(report, plot)}")
@@ -193,7 +298,7 @@ def _backend() -> str:
     return keras.backend.backend()
 
 
-COMMANDS = {"train", "sample", "inspect", "runs"}
+COMMANDS = {"train", "sample", "evaluate", "inspect", "runs"}
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -207,25 +312,44 @@ def main(argv: Optional[list] = None) -> int:
     if args[:1] == ["--version"]:
         typer.echo(f"ssd_keras {__version__}")
         return 0
-    try:
-        from .train import NonFiniteLossError, Stopped
+    import warnings
 
-        app(args=args, prog_name="ssd-run", standalone_mode=False)
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        from .train import Interrupted, NonFiniteLossError, RunDirError, Stopped
+
+        try:
+            code = app(args=args, prog_name="ssd-run", standalone_mode=False)
+        except Interrupted as exc:  # a second SIGINT/SIGTERM during training
+            typer.echo(f"error: {exc}", err=True)
+            return 128 + exc.signum
+        if isinstance(code, int) and code:  # Typer's exit code for Ctrl-C (130), or an Exit
+            if code == 130:
+                typer.echo("interrupted", err=True)
+            return code
     except Stopped as exc:
         typer.echo(str(exc), err=True)
         return 128 + exc.signum if getattr(exc, "signum", None) else 1
-    except (ConfigError, CheckpointError, UserError, NonFiniteLossError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except (ConfigError, CheckpointError, UserError, NonFiniteLossError, RunDirError) as exc:
+        _error(str(exc))
         return EXIT_USER_ERROR
     except _data_errors() as exc:
-        typer.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         return EXIT_USER_ERROR
     except OSError as exc:  # unwritable output, disk full, ...
-        typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        _error(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C outside a command (Typer handles it inside)
         typer.echo("interrupted", err=True)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise  # a bug: the traceback is what helps
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        _error(f"out of memory ({first}); reduce train.batch_size (or sampler.batch_size, or "
+               f"the model); checkpoints already written are intact")
+        return EXIT_USER_ERROR
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:  # click's usage errors
@@ -237,7 +361,30 @@ def main(argv: Optional[list] = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 1
         raise
+    finally:
+        warnings.showwarning = previous_showwarning
     return 0
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text
+
+
+def _error(message: str) -> None:
+    """``error: ...`` on stderr; a message with several problems gets one line each."""
+    for line in message.splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line (``warning: ...``), without the source line."""
+    try:
+        (file or sys.stderr).write(f"warning: {message}\n")
+    except (OSError, ValueError):
+        pass
 
 
 def _data_errors():

@@ -8,7 +8,10 @@ Flexi-UNet path; ``fit`` loops with progress, logging, checkpoints and sample gr
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
+import random
 import signal
 import time
 import warnings
@@ -21,7 +24,9 @@ from . import backend
 from .builders import build_dataset, build_model, build_optimizer, build_process
 from .checkpoint import (
     CheckpointError,
+    atomic_write_text,
     latest_good_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -45,6 +50,24 @@ class Stopped(Exception):
         self.signum = signum
 
 
+class Interrupted(BaseException):
+    """A second SIGINT/SIGTERM: leave at once (checkpoint writes are atomic).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, but not one: Typer turns a
+    ``KeyboardInterrupt`` into a bare exit code, and ``except Exception`` clauses (e.g.
+    "this checkpoint is unreadable") must not swallow it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} received as a second signal: stopped "
+                         f"at once; the checkpoints already written are intact")
+        self.signum = signum
+
+
+class RunDirError(RuntimeError):
+    """The run directory (or a file in it) cannot be created or written."""
+
+
 class Trainer:
     def __init__(
         self,
@@ -58,27 +81,75 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.process = build_process(cfg)
-        self.objective = make_objective(self.process, cfg.loss.target, cfg.loss.min_snr_gamma)
-        self.model = build_model(cfg, channels=CHANNELS)
-        self.optimizer = build_optimizer(cfg)
-        self.optimizer.build(self.model.trainable_variables)
-        self.ema = [_copy(v) for v in self.model.trainable_variables]
-        self.data = build_dataset(cfg)
-        self.rng = np.random.default_rng(cfg.run.seed)
         self.step = 0
         self.skipped = 0
         self._grad_fns: dict = {}
         self._stop_requested = None  # the signal number once SIGINT/SIGTERM arrived
-        self._prepare_run_dir(resume, allow_config_change)
+        self._saved_step = None  # the step of the last checkpoint written or restored
+        # losses etc. of the steps since the last log row; checkpointed, so that the log
+        # rows of a resumed run equal an uninterrupted run's
+        self._window: dict = _empty_window()
+        # cheap checks first: a missing data folder or an unwritable output directory
+        # fails before the (possibly large) model is built
+        self.process = build_process(cfg)
+        self.objective = make_objective(self.process, cfg.loss.target, cfg.loss.min_snr_gamma)
+        self.data = build_dataset(cfg)
+        try:
+            self._check_writable()
+            # The initial weights and dropout seeds follow run.seed: Keras draws the seeds of
+            # unseeded initializers and SeedGenerators from Python's `random` when they are
+            # created. (Not keras.utils.set_random_seed: it imports TensorFlow, if installed,
+            # to seed it too, which costs seconds and memory under torch or jax.)
+            outer = random.getstate()
+            random.seed(cfg.run.seed)
+            try:
+                self.model = build_model(cfg, channels=CHANNELS)
+            finally:
+                random.setstate(outer)
+            _use_seed_state(self.model)
+            self.optimizer = build_optimizer(cfg)
+            self.optimizer.build(self.model.trainable_variables)
+            self.ema = [_copy(v) for v in self.model.trainable_variables]
+            self.rng = np.random.default_rng(cfg.run.seed)
+            self._prepare_run_dir(resume, allow_config_change)
+        except BaseException:
+            self.data.close()
+            raise
 
     # ------------------------------------------------------------------ run dir
+    def _check_writable(self) -> None:
+        """Create the run directory and prove it writable (fail before any work)."""
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".tmp-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write to the run directory {self.run_dir} (run.output_dir = "
+                f"{self.cfg.run.output_dir!r}): {exc.strerror or exc}"
+            ) from exc
+
     def _prepare_run_dir(self, resume: bool, allow_config_change: bool) -> None:
-        saved = self.run_dir / "config.toml"
-        found = latest_good_checkpoint(self.ckpt_dir) if resume else None
+        existing = list_checkpoints(self.ckpt_dir)
+        if existing and not resume:
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints; resume it, or choose another "
+                f"run.name (nothing was deleted)"
+            )
+        found = latest_good_checkpoint(self.ckpt_dir) if existing else None
+        if existing and found is None:
+            names = ", ".join(p.name for _, p in existing[-3:])
+            raise CheckpointError(
+                f"{self.ckpt_dir} holds no readable checkpoint ({names} cannot be read); "
+                f"move them away to start the run over, or use another run.name"
+            )
         if found is not None:
             path, groups, meta = found
-            old = from_dict(meta["config"], source=str(path))
+            try:
+                old = from_dict(meta["config"], source=str(path))
+            except KeyError:
+                raise CheckpointError(f"checkpoint {path} has no saved config") from None
             changed = incompatible_keys(old, self.cfg)
             if changed and not allow_config_change:
                 raise ConfigError(
@@ -86,18 +157,33 @@ class Trainer:
                     f"{', '.join(changed)}, which change the model or the process; use another "
                     f"run.name, or --allow-config-change to resume anyway"
                 )
-            self._restore(groups, meta)
+            self._restore(groups, meta, path, allow_config_change)
             self.resumed_from = path
+            self._set_aside_unreadable(existing)
         else:
-            if not resume and any(self.ckpt_dir.glob("ckpt_*.npz")):
-                raise ConfigError(
-                    f"{self.run_dir} already holds checkpoints; resume it, or choose another "
-                    f"run.name (nothing was deleted)"
-                )
             self.resumed_from = None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(saved)
-        self._trim_log()
+        try:
+            for leftover in self.run_dir.glob(".tmp-*"):  # a kill in the middle of a write
+                leftover.unlink(missing_ok=True)
+            atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
+            self._trim_log()
+        except OSError as exc:
+            raise RunDirError(f"cannot write to the run directory {self.run_dir}: "
+                              f"{exc.strerror or exc}") from exc
+
+    def _set_aside_unreadable(self, existing) -> None:
+        """Rename checkpoints newer than the restored one (all unreadable, or the newest
+        good one would have been restored) to ``*.npz.unreadable``: they must not count
+        as the newest ones when old checkpoints are pruned. Nothing is deleted."""
+        for step, path in existing:
+            if step > self.step:
+                target = path.with_name(path.name + ".unreadable")
+                try:
+                    os.replace(path, target)
+                except OSError:
+                    continue
+                warnings.warn(f"set aside the unreadable checkpoint {path.name} as {target.name}",
+                              stacklevel=3)
 
     # ------------------------------------------------------------------ state
     def state_groups(self) -> dict[str, list[np.ndarray]]:
@@ -117,39 +203,76 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "data": self.data.state(),
             "skipped": self.skipped,
+            "log_window": {k: list(v) for k, v in self._window.items()},
             "backend": keras.backend.backend(),
             "model_variables": [v.path for v in self.model.variables],
         }
 
-    def _restore(self, groups: dict, meta: dict) -> None:
+    def _restore(self, groups: dict, meta: dict, path=None, allow_config_change: bool = False) -> None:
         from keras import ops
 
-        self._assign(self.model.variables, groups["model"], "model")
-        self._assign(self.optimizer.variables, groups["optimizer"], "optimizer")
-        if len(groups["ema"]) != len(self.ema):
-            raise CheckpointError(f"checkpoint EMA has {len(groups['ema'])} tensors, model has {len(self.ema)}")
-        self.ema = [ops.convert_to_tensor(a) for a in groups["ema"]]
-        self.rng.bit_generator.state = meta["rng"]
-        self.data.restore(meta["data"])
-        self.step = int(meta["step"])
+        where = f"checkpoint {path}" if path is not None else "checkpoint"
+        try:
+            model, optimizer, ema = groups["model"], groups["optimizer"], groups["ema"]
+            step, rng, data = int(meta["step"]), meta["rng"], meta["data"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where} is incomplete (no {exc})") from None
+        self._assign(self.model.variables, model, "model", where)
+        self._assign(self.optimizer.variables, optimizer, "optimizer", where)
+        self._assign(self.model.trainable_variables, ema, "EMA", where)
+        self.ema = [ops.convert_to_tensor(a) for a in ema]
+        try:
+            self.rng.bit_generator.state = rng
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{where} has an unusable RNG state ({exc})") from None
+        try:
+            self.data.restore(data)
+        except ValueError as exc:
+            if not allow_config_change:
+                raise ConfigError(
+                    f"{where}: {exc} (the data changed since the checkpoint); use "
+                    f"--allow-config-change to go on from the start of the saved epoch"
+                ) from None
+            epoch = data.get("epoch", 0) if isinstance(data, dict) else 0
+            epoch = epoch if isinstance(epoch, int) and epoch >= 0 else 0
+            self.data.restore({"epoch": epoch, "position": 0})
+            warnings.warn(f"the data changed since {where}: the data stream starts "
+                          f"again at epoch {epoch}", stacklevel=3)
+        self.step = step
+        self._saved_step = step
         self.skipped = int(meta.get("skipped", 0))
+        window = meta.get("log_window") or {}
+        self._window = _empty_window()
+        if set(window) == set(self._window):
+            self._window = {k: list(v) for k, v in window.items()}
+            self._window["paths"] = [tuple(p) for p in self._window["paths"]]
 
     @staticmethod
-    def _assign(variables, arrays, what: str) -> None:
+    def _assign(variables, arrays, what: str, where: str = "checkpoint") -> None:
+        """Check every shape first, then assign (a mismatch leaves the model untouched)."""
         if len(variables) != len(arrays):
             raise CheckpointError(
-                f"checkpoint holds {len(arrays)} {what} tensors, this model has {len(variables)}"
+                f"{where} holds {len(arrays)} {what} tensors, this model has {len(variables)}"
             )
         for v, a in zip(variables, arrays):
             if tuple(v.shape) != tuple(a.shape):
                 raise CheckpointError(
-                    f"checkpoint {what} tensor for {v.path} has shape {a.shape}, model wants {tuple(v.shape)}"
+                    f"{where}: {what} tensor for {v.path} has shape {a.shape}, the model "
+                    f"wants {tuple(v.shape)}"
                 )
+        if what == "EMA":
+            return
+        for v, a in zip(variables, arrays):
             v.assign(a)
 
     def save(self) -> Path:
+        """Write a checkpoint of the current step (atomically) and prune old ones."""
         path = save_checkpoint(self.ckpt_dir, self.step, self.state_groups(), self.state_meta())
-        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints, self.cfg.train.milestones)
+        self._saved_step = self.step
+        try:
+            prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints, self.cfg.train.milestones)
+        except OSError as exc:  # the new checkpoint is written; old ones merely linger
+            warnings.warn(f"could not prune old checkpoints in {self.ckpt_dir}: {exc}", stacklevel=2)
         return path
 
     # ------------------------------------------------------------------ one step
@@ -214,37 +337,43 @@ class Trainer:
         """Train until ``train.steps`` (or ``steps`` more); returns a summary."""
         cfg = self.cfg.train
         goal = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
+        milestones = set(cfg.milestones)
+        self._stop_requested = None
         previous = self._install_signal_handlers()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.cfg.run.name, unit="step",
                    disable=not self.progress, dynamic_ncols=True)
-        window, window_paths, window_t, tick = [], [], [], time.perf_counter()
+        tick, ticked = time.perf_counter(), 0
         start_step = self.step
         started = time.perf_counter()
         try:
             while self.step < goal:
                 loss, key, t = self.train_step()
-                window.append(loss)
-                window_paths.append(key)
-                window_t.append(float(t.mean()))
+                self._window["losses"].append(loss)
+                self._window["paths"].append(key)
+                self._window["t"].append(float(t.mean()))
+                ticked += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", path=f"{key[0]}->{key[1]}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == goal:
+                # log rows at fixed steps only (never at an interruption), so that a resumed
+                # run writes the rows of an uninterrupted one
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     now = time.perf_counter()
-                    rate = len(window) / max(now - tick, 1e-9)
-                    self._log(window, window_paths, window_t, rate)
-                    window, window_paths, window_t, tick = [], [], [], now
-                if self.step % cfg.checkpoint_every == 0:
+                    self._log(ticked / max(now - tick, 1e-9))
+                    tick, ticked = now, 0
+                if self.step % cfg.checkpoint_every == 0 or self.step in milestones:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:09d}.png")
                 if self._stop_requested:
-                    path = self.save()
-                    name = signal.Signals(self._stop_requested).name
-                    raise Stopped(
-                        f"stopped by {name} at step {self.step}; checkpoint {path}; run the same "
-                        f"command again to resume", self._stop_requested)
-            if self.step == goal:
+                    break
+            if self._saved_step != self.step:
                 self.save()
+            if self._stop_requested:
+                name = signal.Signals(self._stop_requested).name
+                raise Stopped(
+                    f"stopped by {name} at step {self.step}; checkpoint "
+                    f"{self.ckpt_dir / f'ckpt_{self.step:09d}.npz'}; run the same command "
+                    f"again to resume", self._stop_requested)
         finally:
             bar.close()
             self._restore_signal_handlers(previous)
@@ -252,38 +381,70 @@ class Trainer:
         return {"step": self.step, "steps_run": self.step - start_step, "seconds": elapsed,
                 "skipped": self.skipped}
 
+    def close(self) -> None:
+        """Stop the data loader's background threads."""
+        self.data.close()
+
     # ------------------------------------------------------------------ logging
     @property
     def log_path(self) -> Path:
         return self.run_dir / "log.csv"
 
-    def _log(self, losses, paths, ts, rate) -> None:
-        new = not self.log_path.exists()
+    def _log(self, rate) -> None:
+        """Append one row summarising the steps since the last row, and start a new window."""
+        losses, paths, ts = self._window["losses"], self._window["paths"], self._window["t"]
+        self._window = _empty_window()
         counts = {}
         for p in paths:
             counts[p] = counts.get(p, 0) + 1
         top = max(counts, key=counts.get)
-        with open(self.log_path, "a", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow({
-                "step": self.step, "loss": f"{np.nanmean(losses):.6f}", "path": f"{top[0]}->{top[1]}",
-                "t_mean": f"{np.mean(ts):.1f}", "steps_per_s": f"{rate:.3f}",
-                "images_per_s": f"{rate * self.cfg.train.batch_size:.1f}", "skipped": self.skipped,
-                "time": f"{time.time():.0f}",
-            })
+        finite = [v for v in losses if math.isfinite(v)]
+        row = {
+            "step": self.step, "loss": f"{np.mean(finite):.6f}" if finite else "nan",
+            "path": f"{top[0]}->{top[1]}", "t_mean": f"{np.mean(ts):.1f}",
+            "steps_per_s": f"{rate:.3f}", "images_per_s": f"{rate * self.cfg.train.batch_size:.1f}",
+            "skipped": self.skipped, "time": f"{time.time():.0f}",
+        }
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, LOG_FIELDS, lineterminator="\n")
+        if not self.log_path.exists():
+            w.writeheader()
+        w.writerow(row)
+        try:
+            with open(self.log_path, "a", newline="") as f:
+                f.write(buf.getvalue())  # one write: a kill leaves at most one partial row
+        except OSError as exc:
+            raise RunDirError(f"cannot write the training log {self.log_path}: "
+                              f"{exc.strerror or exc}") from exc
 
     def _trim_log(self) -> None:
-        """After a resume, drop log rows written after the restored checkpoint."""
+        """Rewrite the log (atomically) with only the complete rows up to the current step:
+        rows written after the restored checkpoint, and a row cut short by a kill, go."""
         if not self.log_path.exists():
             return
-        with open(self.log_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        with open(self.log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise RunDirError(f"cannot read the training log {self.log_path}: "
+                              f"{exc.strerror or exc}") from exc
+        lines = [line.rstrip("\r") for line in text.split("\n")]
+        lines = lines[:-1]  # "" after the final newline, or a last line cut short
+        rows = list(csv.reader(lines[1:])) if lines and lines[0] == ",".join(LOG_FIELDS) else []
+        kept = []
+        for r in rows:
+            if len(r) != len(LOG_FIELDS):
+                continue
+            try:
+                step = int(r[0])
+            except ValueError:
+                continue
+            if step <= self.step:
+                kept.append(r)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(LOG_FIELDS)
+        w.writerows(kept)
+        atomic_write_text(self.log_path, buf.getvalue())
 
     # ------------------------------------------------------------------ sampling
     def ema_model(self):
@@ -312,13 +473,14 @@ class Trainer:
     def _install_signal_handlers(self):
         def handler(signum, frame):
             if self._stop_requested:  # second signal: leave now; checkpoint writes are atomic
-                raise KeyboardInterrupt
+                raise Interrupted(signum)
             self._stop_requested = signum
-            warnings.warn(
-                f"{signal.Signals(signum).name} received: finishing step {self.step + 1}, "
-                f"writing a checkpoint and stopping (send it again to stop at once)",
-                stacklevel=1,
-            )
+            message = (f"\n{signal.Signals(signum).name} received: finishing step {self.step + 1}, "
+                       f"writing a checkpoint and stopping (send it again to stop at once)\n")
+            try:  # os.write: safe even if the signal interrupted a print to stderr
+                os.write(2, message.encode())
+            except OSError:
+                pass
 
         previous = {}
         try:
@@ -332,6 +494,28 @@ class Trainer:
     def _restore_signal_handlers(previous) -> None:
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def _use_seed_state(model) -> None:
+    """Make the model's random layers (dropout) draw from their checkpointed seed state.
+
+    An unseeded ``keras.layers.Dropout`` on the torch backend takes a fast path that uses
+    torch's global RNG and ignores its ``SeedGenerator`` state, so a resumed run would
+    draw other dropout masks than an uninterrupted one. Giving every unseeded generator
+    its own initial seed (the value its state was created from, itself fixed by
+    ``run.seed``) routes dropout through the state, which is a model variable and thus
+    in every checkpoint. Other backends always use the state; nothing changes there.
+    """
+    from keras import ops
+
+    for layer in model.model._flatten_layers(include_self=True, recursive=True):
+        for generator in getattr(layer, "_seed_generators", ()):
+            if getattr(generator, "_initial_seed", 0) is None:
+                generator._initial_seed = int(ops.convert_to_numpy(generator.state.value)[0])
+
+
+def _empty_window() -> dict:
+    return {"losses": [], "paths": [], "t": []}
 
 
 def _copy(variable):
