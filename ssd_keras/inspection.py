@@ -28,6 +28,7 @@ import numpy as np
 
 from .builders import build_model, build_process
 from .config import PipelineConfig
+from .nn.flops import graph_nodes
 
 #: bytes per element of activations under each ``train.precision``
 ACTIVATION_BYTES = {"float32": 4, "mixed_bfloat16": 2, "mixed_float16": 2}
@@ -75,24 +76,6 @@ def path_probabilities(process) -> dict:
 # ----------------------------------------------------------------------------- memory
 def _prod(shape) -> int:
     return int(math.prod(int(d) for d in shape))
-
-
-def _graph_nodes(model):
-    """The nodes of a Functional ``model`` reachable backwards from its outputs, each once."""
-    input_ids = {id(t) for t in model.inputs}
-    seen, nodes, stack = set(), [], list(model.outputs)
-    while stack:
-        tensor = stack.pop()
-        if id(tensor) in input_ids:
-            continue
-        op, node_index, _ = tensor._keras_history
-        node = op._inbound_nodes[node_index]
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)
-        stack.extend(node.arguments.keras_tensors)
-    return nodes
 
 
 def _block_internals(layer, in_shapes, out_shapes, act_bytes: int, attention_probs=False) -> int:
@@ -147,7 +130,7 @@ def activation_bytes(path_model, act_bytes: int = 4) -> dict:
     """
     graph = sum(_prod(t.shape[1:]) for t in path_model.inputs) * act_bytes
     internal = probs = 0
-    for node in _graph_nodes(path_model):
+    for node in graph_nodes(path_model):
         ins = [tuple(t.shape) for t in node.arguments.keras_tensors]
         outs = [tuple(t.shape) for t in node.outputs]
         graph += sum(_prod(s[1:]) for s in outs) * act_bytes

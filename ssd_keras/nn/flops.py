@@ -75,7 +75,7 @@ def layer_flops(layer, input_shapes, output_shapes):
     return 0
 
 
-def _graph_nodes(model):
+def graph_nodes(model):
     """Nodes of a Functional ``model`` (each once), walking back from its outputs."""
     input_ids = {id(t) for t in model.inputs}
     seen, nodes = set(), []
@@ -97,7 +97,7 @@ def _graph_nodes(model):
 def graph_flops(model):
     """FLOPs (2 x MACs, one sample) of a Functional model built from Keras layers."""
     total = 0
-    for node in _graph_nodes(model):
+    for node in graph_nodes(model):
         if isinstance(node.operation, keras.Model):
             raise NotImplementedError("nested models are not supported by graph_flops")
         ins = [tuple(t.shape) for t in node.arguments.keras_tensors]
