@@ -1,9 +1,27 @@
 """Backend-specific code: the only module that imports torch/jax/tensorflow.
 
-Everything else in ``ssd_keras`` uses ``keras.ops`` and stays backend-agnostic; where a
-backend has a much faster native kernel than the generic ``keras.ops`` composition, the
-dispatch lives here, next to a generic fallback that computes the same thing.
+Everything else in ``ssd_keras`` uses ``keras.ops`` and stays backend-agnostic. What lives
+here, each with one branch per Keras backend (torch, jax, tensorflow):
+
+- ``group_norm``: torch's native kernel on torch, a generic ``keras.ops`` version elsewhere;
+- ``make_loss_and_grads`` / ``apply_gradients``: one training step on one Flexi-UNet path.
+  torch runs eagerly (autograd); jax compiles the gradient (``jax.jit`` of
+  ``value_and_grad`` over ``stateless_call``) and the optimizer update (``jax.jit`` of
+  ``optimizer.apply`` inside a ``StatelessScope``) once per path; tensorflow traces both
+  into ``tf.function`` graphs once per path. Only the path's variables and their optimizer
+  slots change: every other variable stays bit-identical on all three backends;
+- ``inference_fn``: a compiled ``model([x, t], training=False)`` for the sampler;
+- ``no_grad``: a context that records no autograd graph (torch only).
+
+Random numbers: the training and sampling noise of ``ssd_keras`` is drawn with numpy on
+the host, so it is identical on every backend. Dropout (``model.dropout > 0``) draws from
+Keras's ``SeedGenerator``, whose streams differ between backends; on jax its state is
+threaded through ``stateless_call`` explicitly, so each step gets fresh masks.
 """
+
+from __future__ import annotations
+
+import contextlib
 
 import keras
 from keras import ops
@@ -13,6 +31,10 @@ BACKEND = keras.backend.backend()
 if BACKEND == "torch":
     import torch
     import torch.nn.functional as _torch_F
+elif BACKEND == "jax":
+    import jax
+elif BACKEND == "tensorflow":
+    import tensorflow as tf
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,8 +81,6 @@ def no_grad():
     """A context in which tensor arithmetic records no autograd graph (torch only)."""
     if BACKEND == "torch":
         return torch.no_grad()
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -69,7 +89,9 @@ def make_loss_and_grads(path_model, loss_fn):
 
     ``grads`` are in the order of ``path_model.trainable_variables`` (exactly the path's
     variables); ``loss_fn(prediction, target, weight)`` returns a scalar. Non-trainable
-    state the path updates (e.g. dropout seeds) is written back to its variables.
+    state the path updates (dropout seed states) is written back to its variables, so
+    consecutive calls draw fresh dropout masks on every backend. Shapes are static per
+    path, so jax and tensorflow compile once per path (on the first call).
     """
     variables = path_model.trainable_variables
 
@@ -85,8 +107,8 @@ def make_loss_and_grads(path_model, loss_fn):
         return loss_and_grads
 
     if BACKEND == "tensorflow":
-        import tensorflow as tf
 
+        @tf.function
         def loss_and_grads(x, t, target, weight):
             with tf.GradientTape() as tape:
                 loss = loss_fn(path_model([x, t], training=True), target, weight)
@@ -95,8 +117,6 @@ def make_loss_and_grads(path_model, loss_fn):
         return loss_and_grads
 
     if BACKEND == "jax":
-        import jax
-
         state_vars = path_model.non_trainable_variables
 
         def pure(trainable, state, x, t, target, weight):
@@ -119,6 +139,112 @@ def make_loss_and_grads(path_model, loss_fn):
 
 
 def apply_gradients(optimizer, grads, variables):
-    """``optimizer.apply`` on the given variables only (others stay bit-identical)."""
-    with no_grad():
+    """``optimizer.apply(grads, variables)`` on the given variables only.
+
+    Every other model variable and every optimizer slot of another variable stays
+    bit-identical (weight decay included); the optimizer's step counter advances. On jax
+    and tensorflow the update is compiled once per variable subset (i.e. per path).
+    """
+    variables = list(variables)
+    if BACKEND == "torch":
+        with torch.no_grad():
+            optimizer.apply(grads, variables)
+        return
+    if BACKEND not in ("jax", "tensorflow"):
         optimizer.apply(grads, variables)
+        return
+    # {tuple of variable ids: compiled update}, kept on the optimizer (it dies with it)
+    cache = optimizer.__dict__.get("_ssd_apply_fns")
+    if cache is None:
+        cache = {}
+        object.__setattr__(optimizer, "_ssd_apply_fns", cache)  # bypass Keras tracking
+    key = tuple(id(v) for v in variables)
+    if key not in cache:
+        make = _jax_apply_fn if BACKEND == "jax" else _tf_apply_fn
+        cache[key] = make(optimizer, variables)
+    cache[key](list(grads))
+
+
+def _tf_apply_fn(optimizer, variables):
+    @tf.function
+    def apply(grads):
+        optimizer.apply(grads, variables)
+
+    return apply
+
+
+def _jax_apply_fn(optimizer, variables):
+    """A jitted ``optimizer.apply`` on ``variables`` run statelessly.
+
+    The function takes the current values of the path's variables and of all optimizer
+    variables and returns the new path values and the optimizer variables the update
+    changed (found while tracing: the others come back as the very input tracer), so
+    off-path optimizer slots are neither copied nor written.
+    """
+    opt_vars = list(optimizer.variables)
+    changed: list[int] = []  # indices into opt_vars, filled while tracing
+
+    def pure(values, opt_values, grads):
+        mapping = list(zip(variables, values)) + list(zip(opt_vars, opt_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            old_opt = [scope.get_current_value(v) for v in opt_vars]
+            optimizer.apply(grads, variables)
+        new_values = [scope.get_current_value(v) for v in variables]
+        new_opt = [scope.get_current_value(v) for v in opt_vars]
+        changed[:] = [i for i, (new, old) in enumerate(zip(new_opt, old_opt)) if new is not old]
+        return new_values, [new_opt[i] for i in changed]
+
+    jitted = jax.jit(pure)
+
+    def apply(grads):
+        new_values, new_opt = jitted(
+            [v.value for v in variables], [v.value for v in opt_vars], grads
+        )
+        for v, value in zip(variables, new_values):
+            v.assign(value)
+        for i, value in zip(changed, new_opt):
+            opt_vars[i].assign(value)
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------
+# Inference (used by ssd_keras.sample)
+# ---------------------------------------------------------------------------------------
+
+
+def inference_fn(model):
+    """``fn(x, t) -> model([x, t], training=False)``, compiled where that pays.
+
+    torch: an eager call without autograd. jax: ``jax.jit`` of ``stateless_call`` with the
+    model's current variable values passed in on each call (later ``assign``s are seen).
+    tensorflow: a ``tf.function`` graph (variables are captured by reference).
+    Each distinct input shape compiles once.
+    """
+    if BACKEND == "jax":
+        trainable = model.trainable_variables
+        state = model.non_trainable_variables
+
+        @jax.jit
+        def pure(trainable_values, state_values, x, t):
+            out, _ = model.stateless_call(trainable_values, state_values, [x, t], training=False)
+            return out
+
+        def call(x, t):
+            return pure([v.value for v in trainable], [v.value for v in state], x, t)
+
+        return call
+
+    if BACKEND == "tensorflow":
+
+        @tf.function
+        def call(x, t):
+            return model([x, t], training=False)
+
+        return call
+
+    def call(x, t):
+        with no_grad():
+            return model([x, t], training=False)
+
+    return call

@@ -57,11 +57,14 @@ def sample_images(
     bar = tqdm(total=(len(pairs) + 1) * -(-total // batch_size), desc="sampling", unit="step",
                disable=not progress, leave=False)
 
+    networks = {}  # path -> compiled inference (jax/tensorflow compile once per path)
+
     def x0_prediction(x, t):
-        r_in, r_out = process.path_at(t)
+        key = process.path_at(t)
+        if key not in networks:
+            networks[key] = backend.inference_fn(model.path(*key))
         t_vec = ops.full((x.shape[0],), float(t), dtype="float32")
-        with backend.no_grad():
-            pred = model.path(r_in, r_out)([x, t_vec], training=False)
+        pred = networks[key](x, t_vec)
         x0_hat = objective.to_x0(ops.cast(pred, "float32"), x, t)
         return ops.clip(x0_hat, -1.0, 1.0) if clip else x0_hat
 

@@ -76,6 +76,7 @@ def mixed_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------- basics
+@pytest.mark.backend  # the data pipeline is numpy only; checked under every backend
 def test_digits_shapes_dtype_range():
     with make_dataset("digits", 16, 8, seed=0) as ds:
         assert ds.num_images == 1797
@@ -227,6 +228,7 @@ def test_batches_identical_pixels_with_workers_and_cache(mixed_folder):
 
 
 # ---------------------------------------------------------------------------- resume
+@pytest.mark.backend  # the data pipeline is numpy only; checked under every backend
 @pytest.mark.parametrize("cut", [1, 2, 3])  # 4 per batch, 10 per epoch: mid-epoch and across
 def test_resume_matches_uninterrupted(coded10, cut):
     kw = dict(path=str(coded10), seed=11)

@@ -77,6 +77,7 @@ def read_log(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.backend  # the tiny CLI end to end, rerun under jax and tensorflow in CI
 def test_train_resume_and_sample_through_the_cli(tiny_pipeline, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "tiny"
     assert main([str(tiny_pipeline), "--no-progress"]) == 0

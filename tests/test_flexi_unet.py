@@ -11,6 +11,9 @@ from keras import ops
 from ssd_keras.nn import FlexiUNet, PathError
 from ssd_keras.nn import layers as L
 
+# backend-sensitive: CI reruns this module under jax and tensorflow
+pytestmark = pytest.mark.backend
+
 TORCH = keras.backend.backend() == "torch"
 
 # Tiny 3-level UNet (32, 16, 8) with SSD levels [8, 16, 32]; attention at 16 and 8.

@@ -15,6 +15,9 @@ from ssd_keras.config import from_dict
 from ssd_keras.sample import sample_images
 from ssd_keras.train import Trainer
 
+# backend-sensitive: CI reruns this module under jax and tensorflow
+pytestmark = pytest.mark.backend
+
 SIZE = 16
 
 

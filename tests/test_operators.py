@@ -14,6 +14,9 @@ from ssd_keras.operators import (
     resize_matrix,
 )
 
+# backend-sensitive: CI reruns this module under jax and tensorflow
+pytestmark = pytest.mark.backend
+
 SIZE_PAIRS = [(64, 32), (32, 16), (16, 8), (8, 4), (4, 2), (2, 1), (64, 8), (7, 3), (13, 5),
               (5, 12), (16, 32), (3, 3), (256, 128), (10, 17)]
 

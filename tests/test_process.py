@@ -12,6 +12,9 @@ from keras import ops
 from ssd_keras.operators import resize_matrix
 from ssd_keras.process import ScaleSpaceProcess, lanczos_sqrt
 
+# backend-sensitive: CI reruns this module under jax and tensorflow
+pytestmark = pytest.mark.backend
+
 np_ = ops.convert_to_numpy
 
 
