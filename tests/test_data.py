@@ -468,7 +468,7 @@ def test_limit_and_threads_stop(coded10):
 
 
 # ---------------------------------------------------------------------------- tfds
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # noqa: E402  (a test dependency: the [test] extra)
 
 
 def test_tfds_mock_mnist_and_cifar10(tmp_path):
