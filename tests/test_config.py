@@ -100,7 +100,7 @@ def test_paper_data_sources():
 def test_quickstart():
     cfg = load_pipeline(PIPELINES / "quickstart.toml")
     assert cfg.data.source == "digits"
-    assert cfg.process.resolutions == [8, 16, 32]
+    assert cfg.process.resolutions == [4, 8, 16]  # three levels, two resolution changes
     assert cfg.model.channel_mult == (1, 2, 2) and cfg.model.base_channels == 32
     assert cfg.sampler.steps == 100 and cfg.sampler.steps <= cfg.process.timesteps
 
