@@ -94,10 +94,8 @@ def sample(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Sample from a trained run: grid.png, images/, progression.png."""
-    from .builders import build_model, build_process
     from .config import from_dict
-    from .objectives import make_objective
-    from .train import CHANNELS, load_run
+    from .train import load_run
 
     run_dir = _find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir, checkpoint)
@@ -108,12 +106,7 @@ def sample(
         d = cfg.to_dict()
         d["sampler"].update(overrides)
         cfg = from_dict(d, source=f"{path} (with command-line options)")
-    model = build_model(cfg, precision="float32", channels=CHANNELS)
-    weights = groups["ema"] if ema else [a for a, v in zip(groups["model"], model.variables) if v.trainable]
-    for v, a in zip(model.trainable_variables, weights):
-        v.assign(a)
-    process = build_process(cfg)
-    objective = make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
+    model, process, objective = _sampling_parts(cfg, groups, ema)
     s = cfg.sampler
     out = out or run_dir / "samples" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}{'' if ema else '_raw'}"
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
@@ -150,7 +143,7 @@ def evaluate(
         draw_data_images, evaluate_images, format_table, inception_model, load_image_folder,
         quantize, save_json,
     )
-    from .train import CHANNELS, load_run
+    from .train import load_run
 
     if num_images is not None and num_images < 2:
         raise UserError(f"--num-images {num_images}: must be >= 2")
@@ -174,16 +167,10 @@ def evaluate(
         out = out or samples_dir
         info["samples_dir"] = str(samples_dir)
     else:
-        from .builders import build_model, build_process
         from .images import save_grid, save_image, to_uint8
-        from .objectives import make_objective
         from .sample import sample_images
 
-        model = build_model(cfg, precision="float32", channels=CHANNELS)
-        for v, a in zip(model.trainable_variables, groups["ema"]):
-            v.assign(a)
-        process = build_process(cfg)
-        objective = make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
+        model, process, objective = _sampling_parts(cfg, groups, ema=True)
         out = out or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}_n{s.num_images}"
         _say(f"sampling {s.num_images} images from {path} (EMA weights), "
              f"{len(process.respace(s.steps))} network calls per image")
@@ -213,6 +200,20 @@ def evaluate(
     result.update(info)
     _say(format_table(result))
     _say(f"wrote {save_json(result, out / 'metrics.json')}")
+
+
+def _sampling_parts(cfg, groups: dict, ema: bool = True):
+    """``(model, process, objective)`` of a checkpoint, with its EMA (or raw) weights."""
+    from .builders import build_model, build_process
+    from .objectives import make_objective
+    from .train import CHANNELS
+
+    model = build_model(cfg, precision="float32", channels=CHANNELS)
+    weights = groups["ema"] if ema else [a for a, v in zip(groups["model"], model.variables) if v.trainable]
+    for v, a in zip(model.trainable_variables, weights):
+        v.assign(a)
+    process = build_process(cfg)
+    return model, process, make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
 
 
 def _write_samples(model, process, objective, cfg, out: Path, progress: bool = True) -> None:
