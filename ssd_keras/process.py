@@ -301,11 +301,18 @@ class ScaleSpaceProcess:
         """Kept original timesteps for ``num_steps`` sampling steps, ascending (SPEC.md 7).
 
         ``round(i (T-1)/(K-1))`` for ``i = 0..K-1`` plus every resolution-change step.
+        The stride is accumulated in float64 as guided-diffusion's ``space_timesteps``
+        (and so the official SSD code) does, so the kept steps equal the official ones
+        exactly, rounding ties included (docs/math.md, "Respaced sampling").
         """
         k = int(num_steps)
         if not 2 <= k <= self.timesteps:
             raise ValueError(f"sampling steps must lie in [2, {self.timesteps}], got {num_steps}")
-        kept = {round(i * (self.timesteps - 1) / (k - 1)) for i in range(k)}
+        stride = (self.timesteps - 1) / (k - 1)
+        kept, position = set(), 0.0
+        for _ in range(k):
+            kept.add(round(position))
+            position += stride
         return sorted(kept | set(self.change_steps))
 
     def reverse_steps(self, num_steps: int | None = None) -> list[tuple[int, int]]:

@@ -10,15 +10,10 @@ import math
 import re
 
 import numpy as np
-from scipy.optimize import brentq
+from scipy.optimize import root_scalar
 
 NOISE_SCHEDULES = ("linear", "cosine")
 RESOLUTION_SCHEDULES = ("Equal", "ConvexDecay-g", "TanhLikeDecay-g", "SigmoidLikeDecay-g")
-
-# floor() of a quantity that is mathematically an integer must not fall one short because
-# of rounding; this slack is far below the spacing of tau = t / (T-1) for any usable T.
-_FLOOR_SLACK = 1e-9
-
 
 # --------------------------------------------------------------------------- noise
 def noise_schedule(name: str, timesteps: int) -> np.ndarray:
@@ -102,45 +97,72 @@ def parse_resolution_schedule(name: str) -> tuple[str, float | None]:
     return kind, g
 
 
-def _q(v):
-    return 1.5 * v - 2.0 * v**3
+def _warp(u, g):
+    """The odd warp ``q(sign(u) |u|^g)``, ``q(v) = 1.5 v - 2 v^3``, in the official code's
+    float operation order: ``3 y^2 - 2 y^3 - 1/2`` with ``y = sign(u) |u|^g + 1/2``.
+
+    Algebraically ``3y^2 - 2y^3 - 1/2 = q(y - 1/2)``; the order of the float operations is
+    kept as the official code has it because ``int()`` of the result decides the level
+    (docs/math.md, "r(t) bit for bit").
+    """
+    y = np.sign(u) * np.abs(u) ** g + 0.5
+    return 3 * y**2 - 2 * y**3 - 0.5
 
 
-def _phat(u, g):
-    """Odd map of [-0.5, 0.5] onto [-1, 1] used by the Tanh- and Sigmoid-like schedules."""
-    u = np.asarray(u, dtype=np.float64)
-    return _q(np.sign(u) * np.abs(u) ** g) / _q(0.5**g)
+def _tanh_like(v, g):
+    """``S`` of the TanhLikeDecay schedule (flat in the middle, steep at both ends)."""
+    return 0.5 * (_warp(v - 0.5, g) / _warp(-0.5, g)) + 0.5
 
 
-def _phat_inverse(y: float, g: float) -> float:
-    if y <= -1.0:
+def _warp_inverse(y, g):
+    """``u`` in [-1/2, 1/2] with ``_warp(u) / _warp(-1/2) / 2 = y``, by Brent's method with
+    scipy's default tolerances (as the official code solves it).
+
+    The map is decreasing (``y = 1/2`` at ``u = -1/2``). At the ends (``|y| >= 1/2``) the
+    root is the bracket's end; the official code returns it when the end evaluates to
+    exactly zero and fails when rounding leaves it a hair off (e.g. g = 1.5), so the ends
+    are answered directly."""
+    if y >= 0.5:
         return -0.5
-    if y >= 1.0:
+    if y <= -0.5:
         return 0.5
-    return brentq(lambda u: float(_phat(u, g)) - y, -0.5, 0.5, xtol=1e-14, rtol=1e-14)
+    solution = root_scalar(
+        lambda u: 0.5 * (_warp(u, g) / _warp(-0.5, g)) - y, bracket=[-0.5, 0.5], method="brentq"
+    )
+    return solution.root if solution.converged else np.nan
+
+
+def _sigmoid_like(v, g):
+    """``G`` of the SigmoidLikeDecay schedule (steep in the middle): the inverse warp."""
+    return 0.5 * (_warp_inverse(v - 0.5, g) / _warp_inverse(-0.5, g)) + 0.5
+
+
+def _level_from_top(kind, g, tau, n):
+    """Levels below the top (0 = full resolution) at ``tau = t/(T-1)``: SPEC.md section 2,
+    with Python's ``int()`` of the float exactly as the official code computes it (no
+    tolerance: float rounding decides ties, e.g. ConvexDecay-0.5, 3 levels, t = 888)."""
+    if kind == "Equal":
+        return min(int(tau * n), n - 1)
+    if kind == "ConvexDecay":
+        return min(int((1 - (1 - tau) ** g) * n), n - 1)
+    warp = _tanh_like if kind == "TanhLikeDecay" else _sigmoid_like
+    return n - 1 - min(int((1 - warp(1 - tau, g)) * n), n - 1)
 
 
 def level_index(name: str, levels: int, timesteps: int) -> np.ndarray:
-    """The level index ``i(t)`` (0 = coarsest) for t = 0..T-1, per SPEC.md section 2."""
+    """The level index ``i(t)`` (0 = coarsest) for t = 0..T-1, per SPEC.md section 2.
+
+    Computed per step in float64 with the official code's expressions, so the released
+    checkpoints' table is reproduced bit for bit (tested against tables made by it).
+    """
     kind, g = parse_resolution_schedule(name)
     n = _positive_int(levels, "levels")
     timesteps = _positive_int(timesteps, "timesteps")
-    tau = np.arange(timesteps, dtype=np.float64) / max(timesteps - 1, 1)
-
-    def floor_n(fraction):
-        return np.minimum(np.floor(n * fraction + _FLOOR_SLACK), n - 1)
-
-    if kind == "Equal":
-        index = n - 1 - floor_n(tau)
-    elif kind == "ConvexDecay":
-        index = n - 1 - floor_n(1.0 - (1.0 - tau) ** g)
-    elif kind == "TanhLikeDecay":
-        s = 0.5 + 0.5 * _phat(tau - 0.5, g)
-        index = floor_n(1.0 - s)
-    else:  # SigmoidLikeDecay
-        gt = np.array([0.5 + _phat_inverse(2.0 * x - 1.0, g) for x in tau])
-        index = floor_n(1.0 - gt)
-    return np.clip(index, 0, n - 1).astype(np.int64)
+    if n == 1:
+        return np.zeros(timesteps, dtype=np.int64)
+    denominator = max(timesteps - 1, 1)
+    index = [n - 1 - _level_from_top(kind, g, t / denominator, n) for t in range(timesteps)]
+    return np.clip(np.asarray(index, dtype=np.int64), 0, n - 1)
 
 
 def resolution_schedule(name: str, resolutions, timesteps: int) -> np.ndarray:

@@ -150,8 +150,9 @@ def expected_resblocks(u, k_in, k_out):
     names |= {"middle_block_0", "middle_block_2"}
     idx = 0
     for k in reversed(range(n)):
-        for _ in range(nrb + 1):
-            if k >= k_out:
+        for i in range(nrb + 1):
+            # the official decoder extent: the output level's last block does not run
+            if k > k_out or (k == k_out and i < nrb):
                 names.add(f"output_blocks_{idx}_0")
             idx += 1
     return names
@@ -168,11 +169,15 @@ def test_only_blocks_on_the_path_are_in_its_graph(unet_zero_skip_top):
     # nothing of the 32x32 or 16x16 levels: encoder, decoder, Downsample/Upsample, adapters
     assert not names & {"input_blocks_1_0", "input_blocks_2_0", "input_blocks_3_0"}
     assert not any(n.startswith("output_blocks_") and int(n.split("_")[2]) >= 2 for n in names)
-    assert "in_adapter_8" in names and "out_adapter_8" in names
-    assert "in_adapter_32" not in names and "out_adapter_16" not in names
-    # the change path (8, 16) adds exactly the 16x16 decoder level and the 8->16 Upsample
+    # one adapter per channel count: 64 channels in at 8x8, 64 out at 16x16 and 8x8
+    assert "adapters_in_to_64" in names and "adapters_out_from_64" in names
+    assert not any(n.startswith("adapters_") for n in layer_names(u.path(32, 32)))
+    # the change path (8, 16) adds the 8x8 level's last block with its Upsample and the
+    # first block of the 16x16 level
     extra = layer_names(u.path(8, 16)) - names
-    assert {f"output_blocks_{i}_{j}" for i in (2, 3) for j in (0, 1)} <= extra
+    assert {"output_blocks_1_0", "output_blocks_1_1", "output_blocks_1_2",
+            "output_blocks_2_0", "output_blocks_2_1"} <= extra
+    assert not {"output_blocks_3_0"} & extra
     assert "output_blocks_1_2" in extra  # the 8 -> 16 Upsample (last block of level 8)
     assert "output_blocks_3_2" not in extra  # the 16 -> 32 Upsample
     assert not any(n.startswith("input_blocks_") for n in extra)
@@ -225,8 +230,10 @@ def test_train_step_leaves_off_path_variables_bit_identical(unet_zero_skip_top):
 # ---------------------------------------------------------------------------- ADM
 
 
-def adm_reference_forward(u, x, t):
-    """guided-diffusion's UNetModel.forward, looking the layers up by their ADM names."""
+def official_reference_forward(u, x, t):
+    """guided-diffusion's UNetModel.forward with the official SSD decoder extent (the last
+    decoder block does not run, so the stem output is no skip), looking the layers up by
+    their ADM names."""
     layers = {l.name: l for l in u.model.layers}
 
     def run_block(prefix, h, emb):
@@ -249,11 +256,11 @@ def adm_reference_forward(u, x, t):
         h = ops.concatenate([h, hs.pop()], axis=-1)
         h = run_block(f"output_blocks_{i}", h, emb)
         i += 1
-    assert not hs
+    assert len(hs) == 1  # the stem output
     return ops.convert_to_numpy(layers["out"](h))
 
 
-def test_single_level_model_is_a_plain_adm_unet():
+def test_single_level_model_is_an_adm_unet_with_the_official_decoder_extent():
     keras.utils.set_random_seed(1)
     cfg = dict(TINY, num_res_blocks=2)
     u = FlexiUNet(32, [32], **cfg)
@@ -262,15 +269,16 @@ def test_single_level_model_is_a_plain_adm_unet():
     n, nrb = 3, 2
     model = u.path(32, 32)
     kinds = [type(l) for l in model.layers]
-    assert kinds.count(L.ResBlock) == n * nrb + 2 + n * (nrb + 1)
+    # ADM's blocks but the top level's last decoder block (attention is at 16 and 8 only)
+    assert kinds.count(L.ResBlock) == n * nrb + 2 + n * (nrb + 1) - 1
     # attention after every ResBlock at 16 and 8, plus the middle block's
     assert kinds.count(L.AttentionBlock) == 2 * nrb + 2 * (nrb + 1) + 1
     assert kinds.count(L.Downsample) == n - 1 and kinds.count(L.Upsample) == n - 1
     assert L.ZeroSkip not in kinds and L.ResizeInput not in kinds
-    assert not any(l.name.startswith(("in_adapter", "out_adapter")) for l in model.layers)
+    assert not any(l.name.startswith("adapters_") for l in model.layers)
     assert len(model.variables) == len(u.variables)
     x, t = inputs(32, batch=2)
-    np.testing.assert_allclose(run(model, x, t), adm_reference_forward(u, x, t), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(model, x, t), official_reference_forward(u, x, t), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_block_matches_adm_legacy_reference():
@@ -319,16 +327,22 @@ def test_zero_skips_are_zeros_on_change_paths(unet_zero_skip_top):
     for r_in, r_out in u.path_keys:
         probe, info = u.skip_probe(r_in, r_out)
         x, t = inputs(r_in)
-        skips = [ops.convert_to_numpy(s) for s in probe([x, t])]
+        outs = probe([x, t])
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        skips = [ops.convert_to_numpy(s) for s in outs]
         zero_flags = [z for _, z in info]
         assert len(skips) == len(info)
         assert sum(zero_flags) == (0 if r_in == r_out else nrb + 1), (r_in, r_out)
+        zero_sizes = []
         for (name, zero), s in zip(info, skips):
             assert s.shape[1] == s.shape[2]
             if zero:
-                assert s.shape[1] == r_out and np.all(s == 0), (r_in, r_out, name)
+                assert np.all(s == 0), (r_in, r_out, name)
+                zero_sizes.append(s.shape[1])
             else:
                 assert np.abs(s).max() > 0, (r_in, r_out, name)
+        if r_in != r_out:  # the entry level's last block (before its Upsample), then r_out
+            assert zero_sizes == [r_in] + [r_out] * nrb, (r_in, r_out)
         # and the graph feeds exactly those zero tensors into the decoder concats
         sources = concat_skip_sources(u.path(r_in, r_out))
         n_zero = sum(isinstance(op, L.ZeroSkip) for _, op in sources)

@@ -1,5 +1,8 @@
 """SPEC.md sections 1-2: noise schedules, levels and r(t)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,10 +93,30 @@ def test_tanh_flat_in_middle_sigmoid_steep_in_middle():
     assert (sigm == 32).sum() < (sigm == 64).sum()
 
 
-def test_phat_inverse_is_inverse():
+def test_warp_inverse_is_inverse():
     for g in (1.0, 1.5, 2.0, 3.0):
         for u in np.linspace(-0.5, 0.5, 11):
-            assert schedules._phat_inverse(float(schedules._phat(u, g)), g) == pytest.approx(u, abs=1e-9)
+            y = 0.5 * float(schedules._warp(u, g) / schedules._warp(-0.5, g))
+            assert schedules._warp_inverse(y, g) == pytest.approx(u, abs=1e-9)
+
+
+OFFICIAL = json.loads((Path(__file__).parent / "data" / "official_schedule_tables.json").read_text())
+
+
+@pytest.mark.parametrize("key", sorted(OFFICIAL["change_steps"]))
+def test_change_steps_equal_the_official_tables(key):
+    """All four schedules (several g), levels 2..6, T = 1000: the change steps of the table
+    the official code computes (data made by running it; tests/data/README.md)."""
+    schedule, levels = key.split("|")
+    name = "Equal" if schedule == "equal" else schedule
+    r = resolution_schedule(name, [4 << i for i in range(int(levels))], OFFICIAL["timesteps"])
+    assert change_steps(r) == OFFICIAL["change_steps"][key]
+
+
+def test_the_float_tie_is_decided_as_the_official_code_decides_it():
+    # 1 - sqrt(1 - 888/999) is mathematically 2/3, but 3 * it is just below 2 in float64
+    r = resolution_schedule("ConvexDecay-0.5", [16, 32, 64], 1000)
+    assert change_steps(r) == [555, 889]
 
 
 def test_one_level_is_constant():
@@ -129,3 +152,12 @@ def test_names_are_parsed_as_users_write_them():
 def test_too_few_timesteps_is_refused():
     with pytest.raises(ValueError, match="get no timestep"):
         resolution_schedule("Equal", [4, 8, 16, 32, 64], 3)
+
+
+@pytest.mark.parametrize("k", sorted(OFFICIAL["space_timesteps"], key=int))
+def test_respaced_steps_equal_the_official_spacing(k):
+    """Without change steps (1 level) respacing is the official ``space_timesteps``."""
+    from ssd_keras.process import ScaleSpaceProcess
+
+    process = ScaleSpaceProcess(64, 1, 1000, "linear", "ConvexDecay-0.5")
+    assert process.respace(int(k)) == OFFICIAL["space_timesteps"][k]

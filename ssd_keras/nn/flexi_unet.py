@@ -1,4 +1,4 @@
-"""The Flexi-UNet of Scale Space Diffusion (SPEC.md section 8), in Keras 3.
+"""The Flexi-UNet of Scale Space Diffusion (arXiv 2603.08709; docs/architecture.md), in Keras 3.
 
 One ADM / guided-diffusion UNet is built once as shared layers; every *path*
 ``(r_in, r_out)`` is a Keras Functional sub-model that calls only the blocks it needs:
@@ -6,27 +6,28 @@ One ADM / guided-diffusion UNet is built once as shared layers; every *path*
 - ``(r, r)`` for every level ``r`` (resolution-preserving), and
 - ``(r, 2r)`` between adjacent levels (the resolution-change steps).
 
-A path entering at UNet level ``k`` (feature map ``r x r``, ``r = image_size / 2^k``):
+A path entering at UNet level ``k_in`` (feature map ``r x r``, ``r = image_size / 2^k``)
+and leaving at level ``k_out`` (``k_out = k_in`` or ``k_in - 1``) computes exactly what the
+official network computes (docs/architecture.md; tested against its outputs):
 
 1. shared input conv ``input_blocks_0_0`` (3x3, in_channels -> ``ch0 = mult[0]*base``);
-2. a 1x1 adapter ``in_adapter_{r}`` to the channels the encoder expects at level ``k``
-   (the output channels of level k-1's Downsample; no adapter when they equal ``ch0``).
-   That tensor takes the place of level k-1's Downsample output, i.e. it is also the
-   skip tensor the decoder's last block of level ``k`` consumes (as in ADM);
-3. the encoder from level ``k`` down, the middle block, the decoder up to the output
-   level (its Upsample only if the path goes above level ``k``). On a change path the
-   decoder blocks of the output level receive zero-filled skips (``ZeroSkip``): the
-   encoder never ran at that resolution;
-4. a 1x1 adapter ``out_adapter_{r_out}`` from that decoder level's channels to ``ch0``
-   (none when equal) and the shared head ``out`` (GN, SiLU, conv3x3).
-
-``ch0`` is ``base_channels * channel_mult[0]``, which is ADM's head width and equals the
-base channels in every paper configuration (``channel_mult[0] == 1``).
+2. a shared 1x1 adapter ``adapters_in_to_{c}`` to the ``c`` channels the encoder expects
+   at level ``k_in`` (the output channels of level k_in-1); one adapter per distinct
+   ``c``, none when ``c == ch0``. Its output is never used as a skip;
+3. the encoder from level ``k_in`` down and the middle block;
+4. the decoder up to the output level, where only the first ``num_res_blocks`` of its
+   ``num_res_blocks + 1`` blocks run (the last block of the output level, the one with
+   the Upsample, does not; so the top level's last block is never run by any path and
+   is not built). A change path runs the whole entry level (the last block with its
+   Upsample) and the first blocks of the level above; those blocks and the entry level's
+   last block receive zero-filled skips (``ZeroSkip``);
+5. a shared 1x1 adapter ``adapters_out_from_{c}`` from that level's ``c`` channels to
+   ``ch0`` (none when equal) and the shared head ``out`` (GN, SiLU, conv3x3).
 
 Exception of the official code, on by default (``full_res_change_via_upsample=True``):
-the change path ``(r_max/2, r_max)`` bilinearly upsamples x_t (no antialiasing) to full
-resolution and runs the plain ``(r_max, r_max)`` path, so it has no zero skips and uses
-exactly the parameters of the full path. With ``False`` it is built like the others.
+the change path ``(r_max/2, r_max)`` bilinearly upsamples x_t to full resolution and runs
+the plain ``(r_max, r_max)`` path, so it has no zero skips and uses exactly the
+parameters of the full path. With ``False`` it is built like the other change paths.
 
 Implementation: ``FlexiUNet`` is a plain Python object (not a ``keras.Model``) that
 owns one *union* Functional model, ``.model``, with an input per level resolution
@@ -268,6 +269,9 @@ class FlexiUNet:
             blocks, chans = [], []
             for i in range(nrb + 1):
                 chans.append(skip_chans.pop())
+                if k == 0 and i == nrb:  # never run by any path (see _run_path)
+                    idx += 1
+                    continue
                 a = attn(f"output_blocks_{idx}_1", self.image_size >> k)
                 blocks.append(
                     (L.ResBlock(ch[k], self.dropout, name=f"output_blocks_{idx}_0", dtype=p), a)
@@ -283,14 +287,20 @@ class FlexiUNet:
 
         self.head = L.OutputHead(self.out_channels, name="out", dtype=p)
 
-        # Adapters for the SSD levels.
+        # Adapters as the official network has them: one 1x1 conv per distinct channel
+        # count, shared by every UNet level below the top that needs that mapping.
         self.in_adapter, self.out_adapter = {}, {}
-        for r in self.resolutions:
-            k = self.level_of[r]
-            if self.entry_channels[k] != ch[0]:
-                self.in_adapter[k] = L._conv(self.entry_channels[k], 1, f"in_adapter_{r}", p)
-            if ch[k] != ch[0]:
-                self.out_adapter[k] = L._conv(ch[0], 1, f"out_adapter_{r}", p)
+        by_channels_in, by_channels_out = {}, {}
+        for k in range(1, n):
+            c_in, c_out = self.entry_channels[k], ch[k]
+            if c_in != ch[0]:
+                if c_in not in by_channels_in:
+                    by_channels_in[c_in] = L._conv(c_in, 1, f"adapters_in_to_{c_in}", p)
+                self.in_adapter[k] = by_channels_in[c_in]
+            if c_out != ch[0]:
+                if c_out not in by_channels_out:
+                    by_channels_out[c_out] = L._conv(ch[0], 1, f"adapters_out_from_{c_out}", p)
+                self.out_adapter[k] = by_channels_out[c_out]
 
     # ------------------------------------------------------------------ graphs
     def _run_path(self, x, emb, k_in, k_out, tag):
@@ -313,15 +323,19 @@ class FlexiUNet:
         h = self.middle[0](h, emb)
         h = self.middle[1](h)
         h = self.middle[2](h, emb)
+        nrb = self.num_res_blocks
         for k in reversed(range(k_out, self.num_levels)):
-            for i, (res, att) in enumerate(self.dec[k]):
-                if k >= k_in:
-                    skip, zero = hs.pop(), False
+            blocks = self.dec[k] if k > k_out else self.dec[k][:nrb]
+            for i, (res, att) in enumerate(blocks):
+                # zero skips: every block above the entry level, and the entry level's
+                # last block (the one that carries its Upsample) on a change path
+                zero = k < k_in or (k == k_in and i == nrb)
+                if not zero:
+                    skip = hs.pop()
                 else:
                     skip = L.ZeroSkip(
                         self.dec_skip_channels[k][i], name=f"{tag}_zero_skip_{res.name}", dtype=p
                     )(h)
-                    zero = True
                 skips.append((res.name, skip, zero))
                 h = keras.layers.Concatenate(axis=-1, name=f"{tag}_concat_{res.name}", dtype=p)(
                     [h, skip]
@@ -331,7 +345,7 @@ class FlexiUNet:
                     h = att(h)
             if k > k_out:
                 h = self.up[k](h)
-        assert not hs, "skip bookkeeping out of sync"
+        assert len(hs) == 1, "skip bookkeeping out of sync"  # the stem output: no skip
         if k_out in self.out_adapter:
             h = self.out_adapter[k_out](h)
         return self.head(h), skips
