@@ -6,6 +6,7 @@ work, and turn every error a user can cause into one clear line and a non-zero e
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ app = typer.Typer(
         "Scale Space Diffusion in Keras 3.\n\n"
         "Train:   ssd-run PIPELINE.toml [--set section.key=value ...]\n\n"
         "Sample:  ssd-run sample [RUN] --steps 250\n\n"
+        "Import:  ssd-run import OFFICIAL_CHECKPOINT.pt\n\n"
         "Inspect: ssd-run inspect PIPELINE.toml"
     ),
     no_args_is_help=True,
@@ -95,7 +97,7 @@ def sample(
 ):
     """Sample from a trained run: grid.png, images/, progression.png."""
     from .config import from_dict
-    from .train import load_run
+    from .runs import load_run
 
     run_dir = _find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir, checkpoint)
@@ -143,7 +145,7 @@ def evaluate(
         draw_data_images, evaluate_images, format_table, inception_model, load_image_folder,
         quantize, save_json,
     )
-    from .train import load_run
+    from .runs import load_run
 
     if num_images is not None and num_images < 2:
         raise UserError(f"--num-images {num_images}: must be >= 2")
@@ -204,14 +206,11 @@ def evaluate(
 
 def _sampling_parts(cfg, groups: dict, ema: bool = True):
     """``(model, process, objective)`` of a checkpoint, with its EMA (or raw) weights."""
-    from .builders import build_model, build_process
+    from .builders import build_process
     from .objectives import make_objective
-    from .train import CHANNELS
+    from .runs import model_with_weights
 
-    model = build_model(cfg, precision="float32", channels=CHANNELS)
-    weights = groups["ema"] if ema else [a for a, v in zip(groups["model"], model.variables) if v.trainable]
-    for v, a in zip(model.trainable_variables, weights):
-        v.assign(a)
+    model = model_with_weights(cfg, groups, ema)
     process = build_process(cfg)
     return model, process, make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
 
@@ -250,6 +249,29 @@ def _find_run(run: Optional[str], runs_dir: Path) -> Path:
     return newest
 
 
+# ---------------------------------------------------------------------------- import
+@app.command("import")
+def import_(
+    checkpoint: Path = typer.Argument(..., help="An official SSD checkpoint (a PyTorch state_dict .pt)."),
+    pipeline: Optional[Path] = typer.Option(
+        None, help="The pipeline it was trained with (default: found from the tensor shapes and file name)."),
+    name: Optional[str] = typer.Option(None, help="Run name (default: the checkpoint's file stem)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Where runs live."),
+):
+    """Turn an official (PyTorch) SSD checkpoint into a run: sample and evaluate it."""
+    from .importer import import_checkpoint, summarize_unused
+
+    report = import_checkpoint(checkpoint, pipeline=pipeline, name=name, runs_dir=runs_dir)
+    _say(f"pipeline {report.reason}")
+    _say(f"official network: {report.official_parameters:,} parameters; the paths run "
+         f"{report.run_parameters:,} of them")
+    if report.unused:
+        _say(f"never run by any path, left out ({len(report.unused)} tensors, listed in "
+             f"import.json): {summarize_unused(report.unused)}")
+    _say(f"wrote {report.run_dir} (step {report.step}); sample it with: "
+         f"ssd-run sample {report.run_dir} --steps 250")
+
+
 # ---------------------------------------------------------------------------- runs
 @app.command()
 def runs(runs_dir: Path = typer.Option(Path("runs"), help="Where runs live.")):
@@ -269,7 +291,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), help="Where runs live.")):
 # ---------------------------------------------------------------------------- inspect
 @app.command()
 def inspect(
-    pipeline: Path = typer.Argument(..., help="Pipeline TOML file."),
+    pipeline: Path = typer.Argument(..., help="Pipeline TOML file, or a run directory."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     plot: Optional[Path] = typer.Option(None, help="Save r(t) and the per-step cost as an image here."),
     steps: List[int] = typer.Option([], "--steps", help="Sampling steps K to cost (repeatable; default: T and 250)."),
@@ -278,12 +300,20 @@ def inspect(
     from .config import load_pipeline
     from .inspection import describe_pipeline, plot_schedule
 
+    imported = None
+    if pipeline.is_dir():  # a run: its resolved config (and, if imported, the file's count)
+        if (pipeline / "import.json").is_file():
+            imported = json.loads((pipeline / "import.json").read_text())
+        pipeline = pipeline / "config.toml"
     cfg = load_pipeline(pipeline, set_)
     bad = [k for k in steps if not 2 <= k <= cfg.process.timesteps]
     if bad:
         raise UserError(f"--steps {bad[0]}: must lie in [2, {cfg.process.timesteps}] (process.timesteps)")
     report = describe_pipeline(cfg, steps=steps or (cfg.process.timesteps, 250))
     _say(report.text)
+    if imported:
+        _say(f"  imported from {imported['source']}: {imported['official_parameters']:,} "
+             f"parameters in the checkpoint, {len(imported['never_run'])} of its tensors never run")
     if plot:
         _say(f"wrote {plot_schedule(report, plot)}")
 
@@ -299,7 +329,8 @@ def _backend() -> str:
     return keras.backend.backend()
 
 
-COMMANDS = {"train", "sample", "evaluate", "inspect", "runs"}
+def _command_names() -> set[str]:
+    return {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -308,7 +339,7 @@ def main(argv: Optional[list] = None) -> int:
     from .config import ConfigError
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+    if args and args[0] not in _command_names() and not args[0].startswith("-"):
         args.insert(0, "train")
     if args[:1] == ["--version"]:
         typer.echo(f"ssd_keras {__version__}")

@@ -29,6 +29,7 @@ import numpy as np
 from .builders import build_model, build_process
 from .config import PipelineConfig
 from .nn.flops import graph_nodes
+from .official import model_tensor_shapes, official_parameter_count
 
 #: bytes per element of activations under each ``train.precision``
 ACTIVATION_BYTES = {"float32": 4, "mixed_bfloat16": 2, "mixed_float16": 2}
@@ -213,7 +214,10 @@ def describe_pipeline(cfg: PipelineConfig, *, steps=(1000, 250), memory: bool = 
                  f"{m.num_res_blocks} res blocks, attention at {list(m.attention_resolutions)}, "
                  f"{m.num_heads} heads")
     params = model.count_params()
-    lines.append(f"  parameters {params:,} ({params * 4 / 2**20:.1f} MiB in float32)")
+    lines.append(f"  parameters {params:,} ({params * 4 / 2**20:.1f} MiB in float32) run by the "
+                 f"paths; an official checkpoint of this network holds "
+                 f"{official_parameter_count(model_tensor_shapes(m, cfg.process.image_size)):,} "
+                 f"(blocks and adapters no path runs included)")
     lines.append("")
     lines.append("  FLOPs = 2 x multiply-accumulates of one forward pass of one sample")
     lines.append(format_cost_table(rows))

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import CheckpointError
 
-class OfficialCheckpointError(ValueError):
+
+class OfficialCheckpointError(CheckpointError):
     """A file that is not an official state_dict, or one that does not fit the pipeline."""
 
 
@@ -161,8 +163,9 @@ _LEAF = {"kernel": "weight", "gamma": "weight", "bias": "bias", "beta": "bias"}
 
 
 def official_names(unet) -> dict[str, list[str]]:
-    """Keras variable path -> the official keys it takes its value from (several for a
-    shared adapter, which the official state_dict lists once per resolution)."""
+    """Trainable Keras variable path -> the official keys it takes its value from
+    (several for a shared adapter, which the official state_dict lists once per
+    resolution)."""
     adapters = {}
     for side, table in (("in", unet.in_adapter), ("out", unet.out_adapter)):
         for level, layer in sorted(table.items()):
@@ -170,7 +173,7 @@ def official_names(unet) -> dict[str, list[str]]:
                 f"adapters_{side}.{unet.image_size >> level}"
             )
     names = {}
-    for variable in unet.model.variables:
+    for variable in unet.model.trainable_variables:
         parts = variable.path.split("/")
         leaf = _LEAF.get(parts[-1])
         if leaf is None:
@@ -288,11 +291,11 @@ def check_state_dict(tensors: Mapping[str, np.ndarray], expected: Mapping[str, t
 
 
 def keras_arrays(unet, tensors: Mapping[str, np.ndarray], *, source: str) -> tuple[list, list]:
-    """``(arrays, unused)``: one array per Keras variable of ``unet`` (in variable order)
-    from a checked state_dict, and the official keys no path of ``unet`` runs."""
+    """``(arrays, unused)``: one array per trainable Keras variable of ``unet`` (in their
+    order) from a checked state_dict, and the official keys no path of ``unet`` runs."""
     names = official_names(unet)
     arrays, used = [], set()
-    for variable in unet.model.variables:
+    for variable in unet.model.trainable_variables:
         keys = names[variable.path]
         first = tensors[keys[0]]
         for other in keys[1:]:  # a shared adapter appears once per resolution

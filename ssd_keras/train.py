@@ -33,8 +33,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, PipelineConfig, from_dict, incompatible_keys
 from .objectives import make_objective
-
-CHANNELS = 3
+from .runs import CHANNELS, load_run  # noqa: F401  (load_run: kept importable from here)
 LOG_FIELDS = ["step", "loss", "path", "t_mean", "steps_per_s", "images_per_s", "skipped", "time"]
 
 
@@ -523,18 +522,3 @@ def _copy(variable):
 
     with backend.no_grad():
         return ops.copy(ops.stop_gradient(variable.value))
-
-
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
-    """``(cfg, groups, meta, path)`` of a run's newest good checkpoint (or the one named)."""
-    run_dir = Path(run_dir)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        groups, meta = load_checkpoint(path)
-    else:
-        found = latest_good_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            raise CheckpointError(f"{run_dir} has no readable checkpoint in {run_dir / 'checkpoints'}")
-        path, groups, meta = found
-    cfg = from_dict(meta["config"], source=str(path))
-    return cfg, groups, meta, path

@@ -47,6 +47,9 @@ def test_paper_hyperparameters(name):
     assert cfg.train.batch_size == (64 if size == 256 else 128)
     assert o.lr == (5e-5 if size == 256 else 1e-4)
     assert cfg.train.precision == "float32"
+    # the paper's training length (Table 5), the official code's dropout and clipping
+    assert cfg.train.steps == (1_000_000 if size == 64 else 300_000)
+    assert (m.dropout, o.grad_clip) == (0.0, 0.0)
     assert f"{p.levels}L" in name or "ddpm" in name
     if name.endswith("ddpm_eps"):
         assert (p.levels, cfg.loss.target, cfg.loss.min_snr_gamma, cfg.sampler.variance) == (
