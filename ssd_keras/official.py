@@ -227,13 +227,13 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     ``{"model": ...}``, and DistributedDataParallel's ``module.`` prefixes. Anything else
     is refused with an ``OfficialCheckpointError`` naming the file.
     """
-    import torch  # the official format is torch's; torch is a core dependency
+    from .backend import load_torch_file, torch_tensor_to_numpy
 
     path = Path(path)
     if not path.is_file():
         raise OfficialCheckpointError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path)
     except Exception as exc:  # truncated zip, not a torch file, a pickle of code, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise OfficialCheckpointError(
@@ -242,7 +242,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model", "ema"):
             inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner and not torch.is_tensor(inner):
+            if isinstance(inner, Mapping) and inner:
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not obj:
@@ -252,13 +252,13 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         )
     tensors = {}
     for key, value in obj.items():
-        if not isinstance(key, str) or not torch.is_tensor(value):
+        array = torch_tensor_to_numpy(value)
+        if not isinstance(key, str) or array is None:
             raise OfficialCheckpointError(
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; this is "
                 f"not a state_dict"
             )
-        name = key[len("module."):] if key.startswith("module.") else key
-        tensors[name] = value.detach().to(torch.float32).numpy()
+        tensors[key[len("module."):] if key.startswith("module.") else key] = array
     return tensors
 
 
