@@ -460,7 +460,7 @@ def test_incompatible_keys():
                                  run={"name": "other"})
     assert incompatible_keys(base, training_only) == []
     changed = base.replace(process={"levels": 2, "resolution_schedule": "Equal"},
-                           model={"base_channels": 64, "dropout": 0.0})
+                           model={"base_channels": 64, "dropout": 0.1})
     assert incompatible_keys(base, changed) == [
         "process.levels", "process.resolution_schedule", "model.base_channels", "model.dropout"]
     ddpm = load_pipeline(PIPELINES / "celeba64_ddpm_x0.toml")
