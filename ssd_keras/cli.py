@@ -345,9 +345,6 @@ def main(argv: Optional[list] = None) -> int:
             typer.echo("interrupted", err=True)
             return 130
         return 1
-    except _errors_of("train", "Interrupted") as exc:  # a second SIGINT/SIGTERM in training
-        typer.echo(f"error: {exc}", err=True)
-        return 128 + exc.signum
     except _errors_of("train", "Stopped") as exc:
         typer.echo(str(exc), err=True)
         return 128 + exc.signum if getattr(exc, "signum", None) else 1
