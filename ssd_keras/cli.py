@@ -303,9 +303,9 @@ def _backend() -> str:
 COMMANDS = {"train", "sample", "evaluate", "inspect", "runs"}
 
 # The errors Typer reports itself (an unknown option or command, an option without its
-# value, a value of the wrong type): click's ``ClickException``, which typer re-exports
-# (typer < 0.29) or vendors (typer >= 0.29, where click is not installed). Found through
-# ``typer.BadParameter``, which every typer exports, so that no click import is needed.
+# value, a value of the wrong type): click's ``ClickException``, which older typers
+# re-export and newer ones vendor (0.27 on at the latest; click is then not installed).
+# Found through ``typer.BadParameter``, which every typer exports: no click import.
 _TYPER_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
@@ -340,7 +340,7 @@ def main(argv: Optional[list] = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort as exc:  # typer < 0.29 turns Ctrl-C into Abort
+    except typer.Abort as exc:  # older typers turn Ctrl-C into Abort
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
             typer.echo("interrupted", err=True)
             return 130
