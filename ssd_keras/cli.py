@@ -53,11 +53,12 @@ def train(
 ):
     """Train (or resume) the run of a pipeline: runs/<run.name>/."""
     from .config import load_pipeline
-    from .train import Trainer
 
     cfg = load_pipeline(pipeline, set_)
     if steps is not None and steps < 1:
         raise UserError(f"--steps {steps}: must be >= 1")
+    from .train import Trainer  # Keras and torch: seconds, so after the cheap checks
+
     trainer = Trainer(cfg, resume=not fresh, allow_config_change=allow_config_change, progress=progress)
     try:
         where = (f"resuming {trainer.run_dir} at step {trainer.step} from {trainer.resumed_from.name}"
@@ -333,13 +334,20 @@ def _command_names() -> set[str]:
     return {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
 
 
+# The errors Typer reports itself (an unknown option or command, an option without its
+# value, a value of the wrong type): click's ``ClickException``, which older typers
+# re-export and newer ones vendor (0.27 on at the latest; click is then not installed).
+# Found through ``typer.BadParameter``, which every typer exports: no click import.
+_TYPER_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point: ``ssd-run PIPELINE.toml`` means ``ssd-run train PIPELINE.toml``."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in _command_names() and not args[0].startswith("-"):
+    if args and args[0] not in _command_names() and not args[0].startswith("-") and _names_a_file(args[0]):
         args.insert(0, "train")
     if args[:1] == ["--version"]:
         typer.echo(f"ssd_keras {__version__}")
@@ -348,22 +356,32 @@ def main(argv: Optional[list] = None) -> int:
 
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _show_warning
+    # the training stack (Keras, torch) is imported by the commands that need it, not here:
+    # a typo on the command line is reported at once
     try:
-        from .train import Interrupted, NonFiniteLossError, RunDirError, Stopped
-
-        try:
-            code = app(args=args, prog_name="ssd-run", standalone_mode=False)
-        except Interrupted as exc:  # a second SIGINT/SIGTERM during training
-            typer.echo(f"error: {exc}", err=True)
-            return 128 + exc.signum
+        code = app(args=args, prog_name="ssd-run", standalone_mode=False)
         if isinstance(code, int) and code:  # Typer's exit code for Ctrl-C (130), or an Exit
             if code == 130:
                 typer.echo("interrupted", err=True)
             return code
-    except Stopped as exc:
+    except _TYPER_ERRORS as exc:  # usage errors: Typer's usage line, hint and message
+        exc.show()
+        if getattr(exc, "ctx", False) is None:  # a message without them (an option's missing value)
+            command = f" {args[0]}" if args and args[0] in _command_names() else ""
+            typer.echo(f"Try 'ssd-run{command} -h' for help.", err=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort as exc:  # older typers turn Ctrl-C into Abort
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            typer.echo("interrupted", err=True)
+            return 130
+        return 1
+    except _errors_of("train", "Stopped") as exc:
         typer.echo(str(exc), err=True)
         return 128 + exc.signum if getattr(exc, "signum", None) else 1
-    except (ConfigError, CheckpointError, UserError, NonFiniteLossError, RunDirError) as exc:
+    except (ConfigError, CheckpointError, UserError) + _errors_of(
+            "train", "NonFiniteLossError", "RunDirError") as exc:
         _error(str(exc))
         return EXIT_USER_ERROR
     except _data_errors() as exc:
@@ -382,20 +400,29 @@ def main(argv: Optional[list] = None) -> int:
         _error(f"out of memory ({first}); reduce train.batch_size (or sampler.batch_size, or "
                f"the model); checkpoints already written are intact")
         return EXIT_USER_ERROR
-    except typer.Exit as exc:
-        return exc.exit_code
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
     finally:
         warnings.showwarning = previous_showwarning
     return 0
+
+
+def _names_a_file(arg: str) -> bool:
+    """Whether a first argument that is no command means ``train ARG``: an existing file, or
+    something written as a path (``.toml``, a folder in it). Anything else is left to Typer,
+    which reports it as an unknown command."""
+    path = Path(arg)
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL in it: no file
+        exists = False
+    return exists or path.suffix.lower() == ".toml" or len(path.parts) > 1
+
+
+def _errors_of(module: str, *names: str) -> tuple:
+    """The exception classes ``names`` of ``ssd_keras.<module>``, or none if that module was
+    never imported (then none of them can have been raised). ``main`` thus never imports
+    the training stack just to sort an error."""
+    found = sys.modules.get(f"{__package__}.{module}")
+    return tuple(getattr(found, name) for name in names) if found is not None else ()
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

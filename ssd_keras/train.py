@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -49,20 +50,6 @@ class Stopped(Exception):
         self.signum = signum
 
 
-class Interrupted(BaseException):
-    """A second SIGINT/SIGTERM: leave at once (checkpoint writes are atomic).
-
-    A ``BaseException`` like ``KeyboardInterrupt``, but not one: Typer turns a
-    ``KeyboardInterrupt`` into a bare exit code, and ``except Exception`` clauses (e.g.
-    "this checkpoint is unreadable") must not swallow it.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(f"{signal.Signals(signum).name} received as a second signal: stopped "
-                         f"at once; the checkpoints already written are intact")
-        self.signum = signum
-
-
 class RunDirError(RuntimeError):
     """The run directory (or a file in it) cannot be created or written."""
 
@@ -84,6 +71,7 @@ class Trainer:
         self.skipped = 0
         self._grad_fns: dict = {}
         self._stop_requested = None  # the signal number once SIGINT/SIGTERM arrived
+        self._previous_handlers = None  # while ours are installed: the ones they replaced
         self._saved_step = None  # the step of the last checkpoint written or restored
         # losses etc. of the steps since the last log row; checkpointed, so that the log
         # rows of a resumed run equal an uninterrupted run's
@@ -338,7 +326,7 @@ class Trainer:
         goal = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         milestones = set(cfg.milestones)
         self._stop_requested = None
-        previous = self._install_signal_handlers()
+        self._install_signal_handlers()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.cfg.run.name, unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         tick, ticked = time.perf_counter(), 0
@@ -375,14 +363,18 @@ class Trainer:
                     f"again to resume", self._stop_requested)
         finally:
             bar.close()
-            self._restore_signal_handlers(previous)
+            if not self._stop_requested:  # after a signal they stay, until close()
+                self._restore_signal_handlers()
         elapsed = time.perf_counter() - started
         return {"step": self.step, "steps_run": self.step - start_step, "seconds": elapsed,
                 "skipped": self.skipped}
 
     def close(self) -> None:
-        """Stop the data loader's background threads."""
-        self.data.close()
+        """Stop the data loader's background threads; give back the signal handlers."""
+        try:
+            self.data.close()
+        finally:
+            self._restore_signal_handlers()
 
     # ------------------------------------------------------------------ logging
     @property
@@ -469,10 +461,17 @@ class Trainer:
         return save_grid(result.images, path)
 
     # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self):
+    def _install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM, from ``fit`` until it returns or, once a signal came, until
+        ``close()`` (a second signal during the data loader's shutdown still counts).
+
+        The first signal sets a flag: the step in progress finishes, a checkpoint is
+        written and ``fit`` raises ``Stopped``. The second one ends the process at once
+        (``_stop_at_once``). No-op outside the main thread (Python runs handlers there).
+        """
         def handler(signum, frame):
-            if self._stop_requested:  # second signal: leave now; checkpoint writes are atomic
-                raise Interrupted(signum)
+            if self._stop_requested:
+                self._stop_at_once(signum)
             self._stop_requested = signum
             message = (f"\n{signal.Signals(signum).name} received: finishing step {self.step + 1}, "
                        f"writing a checkpoint and stopping (send it again to stop at once)\n")
@@ -481,18 +480,54 @@ class Trainer:
             except OSError:
                 pass
 
+        if self._previous_handlers is not None:
+            return
         previous = {}
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread: no signal handling
             pass
-        return previous
+        self._previous_handlers = previous
 
-    @staticmethod
-    def _restore_signal_handlers(previous) -> None:
-        for sig, h in previous.items():
+    def _restore_signal_handlers(self) -> None:
+        previous, self._previous_handlers = self._previous_handlers, None
+        for sig, h in (previous or {}).items():
             signal.signal(sig, h)
+
+    def _stop_at_once(self, signum: int) -> None:
+        """A second SIGINT/SIGTERM: end the process now with exit code 128 + signum.
+
+        From the handler itself, not by raising an exception: Python raises a handler's
+        exception in whatever code runs when the signal is handled, and code that catches
+        everything swallows it. Keras does, in every forward pass (``Functional`` checks
+        its inputs inside a bare ``except:``), so the run went on as if the second signal
+        never came (it finished the step, wrote a checkpoint and exited 130). Checkpoint
+        writes are atomic: the temporary file of a write in progress is removed, every
+        checkpoint under its final name is complete.
+        """
+        for directory in (self.run_dir, self.ckpt_dir):
+            try:
+                leftovers = list(directory.glob(".tmp-*"))
+            except OSError:
+                leftovers = []
+            for leftover in leftovers:
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
+        for stream in (sys.stdout, sys.stderr):  # what was printed before still shows
+            try:
+                stream.flush()
+            except Exception:  # e.g. the signal came in the middle of a print
+                pass
+        message = (f"\nerror: {signal.Signals(signum).name} received as a second signal: "
+                   f"stopped at once; the checkpoints already written are intact\n")
+        try:
+            os.write(2, message.encode())
+        except OSError:
+            pass
+        os._exit(128 + signum)
 
 
 def _use_seed_state(model) -> None:

@@ -133,8 +133,7 @@ def test_sample_without_runs_says_what_to_do(tmp_path, capsys):
 
 
 def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "ssd_keras", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-m", "ssd_keras", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for verb in ("train", "sample", "inspect"):
         assert verb in result.stdout
