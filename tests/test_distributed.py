@@ -93,7 +93,10 @@ def test_two_ranks_on_one_path_equal_one_process_on_the_whole_batch(tmp_path):
     from ssd_keras.train import Trainer
 
     steps = 3
-    pipe = pipeline(tmp_path, extra="")
+    pipe = pipeline(tmp_path)
+    # a large AdamW epsilon makes the update depend on the gradient's scale, not only on
+    # its direction: averaging (not summing) over the ranks is checked too
+    pipe.write_text(pipe.read_text().replace("lr = 1e-3", "lr = 1e-3\nepsilon = 1e-3"))
     ranks, _ = run_worker("same_path", pipe, tmp_path / "out", steps)
     cfg = load_pipeline(pipe, [f"run.output_dir={tmp_path / 'single'}"])
     trainer = Trainer(cfg, progress=False, dist=Single())
