@@ -321,7 +321,6 @@ print(json.dumps(info))
 
 
 def test_jax_data_parallel_over_two_host_devices_equals_one_device(tmp_path):
-    pytest.importorskip("jax")  # a test dependency of the jax extra; CI installs it
     pipe = pipeline(tmp_path)
     results = {}
     for devices in (2, 1):
