@@ -1,4 +1,5 @@
-"""Backend-specific code: the only module that imports torch/jax/tensorflow.
+"""Backend-specific code: the only module that imports torch/jax/tensorflow (besides
+``ssd_keras.distributed``, which holds the collectives of data-parallel training).
 
 Everything else in ``ssd_keras`` uses ``keras.ops`` and stays backend-agnostic. What lives
 here, each with one branch per Keras backend (torch, jax, tensorflow):

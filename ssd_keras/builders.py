@@ -48,7 +48,8 @@ def build_optimizer(cfg: PipelineConfig):
     )
 
 
-def build_dataset(cfg: PipelineConfig, *, shard_index: int = 0, num_shards: int = 1):
+def build_dataset(cfg: PipelineConfig, *, shard_index: int = 0, num_shards: int = 1,
+                  sharding: str = "contiguous"):
     from .data import make_dataset
 
     d = dataclasses.asdict(cfg.data)
@@ -57,9 +58,10 @@ def build_dataset(cfg: PipelineConfig, *, shard_index: int = 0, num_shards: int 
     d["limit"] = d["limit"] or None
     return make_dataset(
         image_size=cfg.process.image_size,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size // num_shards,
         seed=cfg.run.seed,
         shard_index=shard_index,
         num_shards=num_shards,
+        sharding=sharding,
         **d,
     )

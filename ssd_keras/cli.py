@@ -60,18 +60,22 @@ def train(
     from .train import Trainer  # Keras and torch: seconds, so after the cheap checks
 
     trainer = Trainer(cfg, resume=not fresh, allow_config_change=allow_config_change, progress=progress)
+    say = _say if trainer.is_main else (lambda message: None)  # data parallel: rank 0 speaks
     try:
         where = (f"resuming {trainer.run_dir} at step {trainer.step} from {trainer.resumed_from.name}"
                  if trainer.resumed_from else f"new run {trainer.run_dir}")
-        _say(f"{where}; training to step {cfg.train.steps} (backend {_backend()})")
+        n = trainer.dist.world_size
+        say(f"{where}; training to step {cfg.train.steps} (backend {_backend()}"
+            + (f", {n} processes of {cfg.train.batch_size // n} images)" if n > 1 else ")"))
         summary = trainer.fit(steps)
         rate = summary["steps_run"] / max(summary["seconds"], 1e-9)
-        _say(
+        say(
             f"step {summary['step']}: {summary['steps_run']} steps in {summary['seconds']:.0f} s "
-            f"({rate:.2f} steps/s); checkpoints in {trainer.ckpt_dir}"
+            f"({rate:.2f} steps/s, {rate * cfg.train.batch_size:.1f} images/s); checkpoints in "
+            f"{trainer.ckpt_dir}"
             + (f"; {summary['skipped']} non-finite steps skipped" if summary["skipped"] else "")
         )
-        if summary["step"] >= cfg.train.steps:
+        if summary["step"] >= cfg.train.steps and trainer.is_main:
             out = trainer.run_dir / "samples" / "final"
             _write_samples(trainer.ema_model(), trainer.process, trainer.objective, cfg, out,
                            progress=progress)
@@ -384,6 +388,9 @@ def main(argv: Optional[list] = None) -> int:
             "train", "NonFiniteLossError", "RunDirError") as exc:
         _error(str(exc))
         return EXIT_USER_ERROR
+    except _errors_of("distributed", "DistributedError") as exc:
+        _error(str(exc))
+        return 1
     except _data_errors() as exc:
         _error(str(exc))
         return EXIT_USER_ERROR

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import backend
+from . import backend, distributed
 from .builders import build_dataset, build_model, build_optimizer, build_process
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
+    checkpoint_path,
     latest_good_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -62,9 +63,14 @@ class Trainer:
         resume: bool = True,
         allow_config_change: bool = False,
         progress: bool = True,
+        dist=None,
     ):
         self.cfg = cfg
-        self.progress = progress
+        # data parallelism (docs/distributed.md): torchrun's processes, or jax's local devices
+        self._owns_dist = dist is None
+        self.dist = distributed.context(cfg) if dist is None else dist
+        self.is_main = self.dist.is_main
+        self.progress = progress and self.is_main
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
@@ -72,6 +78,7 @@ class Trainer:
         self._grad_fns: dict = {}
         self._stop_requested = None  # the signal number once SIGINT/SIGTERM arrived
         self._previous_handlers = None  # while ours are installed: the ones they replaced
+        self._stop_agreed = None
         self._saved_step = None  # the step of the last checkpoint written or restored
         # losses etc. of the steps since the last log row; checkpointed, so that the log
         # rows of a resumed run equal an uninterrupted run's
@@ -80,9 +87,19 @@ class Trainer:
         # fails before the (possibly large) model is built
         self.process = build_process(cfg)
         self.objective = make_objective(self.process, cfg.loss.target, cfg.loss.min_snr_gamma)
-        self.data = build_dataset(cfg)
         try:
-            self._check_writable()
+            # strided sharding: the checkpointed data position is the job's, so a run
+            # resumes with another number of processes (one process: the plain stream)
+            self.data = build_dataset(cfg, shard_index=self.dist.rank,
+                                      num_shards=self.dist.world_size, sharding="strided")
+        except BaseException:
+            self._close_dist()
+            raise
+        try:
+            self._jax_distribution = (distributed.jax_data_parallel(cfg)
+                                      if backend.BACKEND == "jax" else None)
+            if self.is_main:
+                self._check_writable()
             # The initial weights and dropout seeds follow run.seed: Keras draws the seeds of
             # unseeded initializers and SeedGenerators from Python's `random` when they are
             # created. (Not keras.utils.set_random_seed: it imports TensorFlow, if installed,
@@ -97,10 +114,16 @@ class Trainer:
             self.optimizer = build_optimizer(cfg)
             self.optimizer.build(self.model.trainable_variables)
             self.ema = [_copy(v) for v in self.model.trainable_variables]
-            self.rng = np.random.default_rng(cfg.run.seed)
+            # rank 0 draws run.seed's stream (a one-process run's); rank r its own
+            self.rng = np.random.default_rng(
+                cfg.run.seed if self.dist.rank == 0 else [cfg.run.seed, self.dist.rank])
             self._prepare_run_dir(resume, allow_config_change)
+            if self.dist.world_size > 1:
+                self._check_ranks_agree()
+                if self.dist.rank:
+                    _offset_seed_states(self.model, self.dist.rank)
         except BaseException:
-            self.data.close()
+            self.close()
             raise
 
     # ------------------------------------------------------------------ run dir
@@ -146,9 +169,12 @@ class Trainer:
                 )
             self._restore(groups, meta, path, allow_config_change)
             self.resumed_from = path
-            self._set_aside_unreadable(existing)
+            if self.is_main:
+                self._set_aside_unreadable(existing)
         else:
             self.resumed_from = None
+        if not self.is_main:  # rank 0 alone writes to the run directory
+            return
         try:
             for leftover in self.run_dir.glob(".tmp-*"):  # a kill in the middle of a write
                 leftover.unlink(missing_ok=True)
@@ -208,6 +234,7 @@ class Trainer:
         self._assign(self.optimizer.variables, optimizer, "optimizer", where)
         self._assign(self.model.trainable_variables, ema, "EMA", where)
         self.ema = [ops.convert_to_tensor(a) for a in ema]
+        rng, data = self._rank_state(meta, rng, data)
         try:
             self.rng.bit_generator.state = rng
         except (TypeError, ValueError, KeyError) as exc:
@@ -234,6 +261,33 @@ class Trainer:
             self._window = {k: list(v) for k, v in window.items()}
             self._window["paths"] = [tuple(p) for p in self._window["paths"]]
 
+    def _rank_state(self, meta: dict, rng, data):
+        """This rank's ``(rng state, data state)`` from a checkpoint's metadata.
+
+        Same number of processes as when it was written: each rank's own (``meta["ranks"]``),
+        an exact continuation. Another number: the data stream goes on from the job's
+        position (``meta["data"]``: the least advanced rank's, so nothing is skipped); rank
+        0 takes the saved RNG state and every other rank a fresh one from
+        ``(run.seed, rank, step)`` (docs/distributed.md).
+        """
+        ranks = meta.get("ranks")
+        n, r = self.dist.world_size, self.dist.rank
+        if isinstance(ranks, list) and len(ranks) == n and n > 1:
+            return ranks[r]["rng"], ranks[r]["data"]
+        if r == 0:
+            return rng, data
+        fresh = np.random.default_rng([self.cfg.run.seed, r, int(meta["step"])])
+        return fresh.bit_generator.state, data
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank restored the same step and built the same variables."""
+        mine = (self.step, len(self.model.variables), len(self.optimizer.variables))
+        seen = self.dist.gather_object(mine)
+        if any(tuple(o) != mine for o in seen):
+            raise distributed.DistributedError(
+                f"the processes disagree on (step, variables, optimizer variables): {seen}; "
+                f"they must all see the same run directory and pipeline")
+
     @staticmethod
     def _assign(variables, arrays, what: str, where: str = "checkpoint") -> None:
         """Check every shape first, then assign (a mismatch leaves the model untouched)."""
@@ -253,14 +307,40 @@ class Trainer:
             v.assign(a)
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically) and prune old ones."""
-        path = save_checkpoint(self.ckpt_dir, self.step, self.state_groups(), self.state_meta())
+        """Write a checkpoint of the current step (atomically) and prune old ones.
+
+        Data parallel: a collective call on every rank; rank 0 writes (weights, EMA and
+        optimizer state are identical on all ranks; the RNG and data positions of all
+        ranks go into ``meta["ranks"]``), then every rank learns whether the write worked.
+        """
+        meta = self.state_meta()
+        if self.dist.world_size > 1:
+            ranks = self.dist.gather_object({"rng": meta["rng"], "data": meta["data"]})
+            meta["ranks"] = ranks
+            meta["world_size"] = self.dist.world_size
+            # the job's position for another number of processes: the least advanced rank
+            meta["data"] = min((r["data"] for r in ranks), key=lambda d: (d["epoch"], d["position"]))
+        error = None
+        if self.is_main:
+            try:
+                path = save_checkpoint(self.ckpt_dir, self.step, self.state_groups(), meta)
+            except CheckpointError as exc:
+                if self.dist.world_size == 1:
+                    raise
+                error = str(exc)
+            else:
+                try:
+                    prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints,
+                                      self.cfg.train.milestones)
+                except OSError as exc:  # the new checkpoint is written; old ones merely linger
+                    warnings.warn(f"could not prune old checkpoints in {self.ckpt_dir}: {exc}",
+                                  stacklevel=2)
+        if self.dist.world_size > 1:  # a barrier that carries rank 0's outcome
+            error = self.dist.gather_object(error)[0]
+            if error is not None:
+                raise CheckpointError(error)
         self._saved_step = self.step
-        try:
-            prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints, self.cfg.train.milestones)
-        except OSError as exc:  # the new checkpoint is written; old ones merely linger
-            warnings.warn(f"could not prune old checkpoints in {self.ckpt_dir}: {exc}", stacklevel=2)
-        return path
+        return checkpoint_path(self.ckpt_dir, self.step)
 
     # ------------------------------------------------------------------ one step
     def _loss_fn(self, prediction, target, weight):
@@ -281,18 +361,20 @@ class Trainer:
 
         if x0 is None:
             x0 = next(self.data)
-        batch = x0.shape[0]
-        t = self.process.sample_training_timesteps(self.rng, batch)
-        key = self.process.path_at(int(t[0]))
-        noise = self.rng.standard_normal((batch, key[0], key[0], CHANNELS)).astype(np.float32)
+        t, key, noise = self._draw(x0.shape[0])
         x_t, target, weight = self.objective.training_example(ops.convert_to_tensor(x0), t, noise)
         path, loss_and_grads = self._grads_for(key)
-        loss, grads = loss_and_grads(
+        inputs = (
             x_t,
             ops.convert_to_tensor(t.astype(np.float32)),
             ops.convert_to_tensor(target, dtype="float32"),
             ops.convert_to_tensor(np.asarray(weight, np.float32)),
         )
+        if self._jax_distribution is not None:  # the batch split over the local devices
+            inputs = distributed.shard_batch(self._jax_distribution, *inputs)
+        loss, grads = loss_and_grads(*inputs)
+        if self.dist.world_size > 1:
+            return self._finish_step_data_parallel(loss, grads, key, path, t)
         value = float(ops.convert_to_numpy(loss))
         if not math.isfinite(value):
             where = f"step {self.step + 1}, t = {t.min()}..{t.max()}, level {key[0]}px, path {key[0]}->{key[1]}"
@@ -308,6 +390,66 @@ class Trainer:
         self.step += 1
         self._update_ema()
         return value, key, t
+
+    def _draw(self, batch: int):
+        """``(t, path key, noise)`` of one step: the path follows ``t[0]`` (one per batch)."""
+        t = self.process.sample_training_timesteps(self.rng, batch)
+        key = self.process.path_at(int(t[0]))
+        noise = self.rng.standard_normal((batch, key[0], key[0], CHANNELS)).astype(np.float32)
+        return t, key, noise
+
+    def _finish_step_data_parallel(self, loss, grads, key, path, t):
+        """Average the gradients over the ranks and apply them (docs/distributed.md).
+
+        Every rank gathers the ranks' paths, so all agree on the union of their variables
+        (in the model's order); a variable off this rank's path contributes zeros. One
+        all-reduce carries the gradients, the loss, the non-finite flags and the stop
+        requests, so every rank takes the same decision at the same step. The update is
+        applied to the union only: a variable on no rank's path stays bit-identical, as in
+        a one-process run; weights, EMA and optimizer state stay identical on all ranks.
+        """
+        from keras import ops
+
+        keys = self.dist.gather_paths(key)
+        union = self._union_variables(keys)
+        mine = {id(v): g for v, g in zip(path.trainable_variables, grads)}
+        value = float(ops.convert_to_numpy(loss))
+        local_bad = not math.isfinite(value)
+        stop = self._stop_requested
+        extras = [0.0 if local_bad else value, float(local_bad),
+                  float(stop == signal.SIGINT), float(stop == signal.SIGTERM)]
+        averaged, (loss_sum, bad, sigints, sigterms) = self.dist.reduce_step(
+            union, [mine.get(id(v)) for v in union], extras)
+        # every rank stops after the step in which any rank had a signal (a signal arriving
+        # later on one rank is seen by all in the next step's all-reduce)
+        if sigints or sigterms:
+            self._stop_agreed = signal.SIGTERM if sigterms else signal.SIGINT
+        n = self.dist.world_size
+        if bad:
+            where = (f"step {self.step + 1}, on {int(bad)} of {n} processes (this one: rank "
+                     f"{self.dist.rank}, loss {value}, t = {t.min()}..{t.max()}, path "
+                     f"{key[0]}->{key[1]})")
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at {where}; stopped without applying it (the last good "
+                    f"checkpoint is kept; set train.on_nonfinite = \"skip\" to skip such steps)"
+                )
+            self.skipped += 1
+            self.step += 1
+            return float("nan"), key, t
+        backend.apply_gradients(self.optimizer, averaged, union)
+        self.step += 1
+        self._update_ema()
+        return loss_sum / n, key, t
+
+    def _union_variables(self, keys):
+        """The trainable variables of the paths ``keys``, in the model's order (cached)."""
+        cache = self.__dict__.setdefault("_unions", {})
+        k = frozenset(keys)
+        if k not in cache:
+            ids = {id(v) for key in k for v in self._grads_for(key)[0].trainable_variables}
+            cache[k] = [v for v in self.model.trainable_variables if id(v) in ids]
+        return cache[k]
 
     def _update_ema(self) -> None:
         from keras import ops
@@ -326,6 +468,7 @@ class Trainer:
         goal = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         milestones = set(cfg.milestones)
         self._stop_requested = None
+        self._stop_agreed = None  # data parallel: the stop all ranks agreed on
         self._install_signal_handlers()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.cfg.run.name, unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -342,25 +485,26 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", path=f"{key[0]}->{key[1]}", refresh=False)
                 # log rows at fixed steps only (never at an interruption), so that a resumed
-                # run writes the rows of an uninterrupted one
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                # run writes the rows of an uninterrupted one; rank 0 alone writes them
+                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     now = time.perf_counter()
                     self._log(ticked / max(now - tick, 1e-9))
                     tick, ticked = now, 0
                 if self.step % cfg.checkpoint_every == 0 or self.step in milestones:
                     self.save()
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:09d}.png")
-                if self._stop_requested:
+                if self._stopping():
                     break
             if self._saved_step != self.step:
                 self.save()
-            if self._stop_requested:
-                name = signal.Signals(self._stop_requested).name
+            stop = self._stopping()
+            if stop:
+                name = signal.Signals(stop).name
                 raise Stopped(
                     f"stopped by {name} at step {self.step}; checkpoint "
                     f"{self.ckpt_dir / f'ckpt_{self.step:09d}.npz'}; run the same command "
-                    f"again to resume", self._stop_requested)
+                    f"again to resume", stop)
         finally:
             bar.close()
             if not self._stop_requested:  # after a signal they stay, until close()
@@ -369,12 +513,30 @@ class Trainer:
         return {"step": self.step, "steps_run": self.step - start_step, "seconds": elapsed,
                 "skipped": self.skipped}
 
+    def _stopping(self):
+        """The signal to stop on: this process's, or (data parallel) the ranks' agreed one,
+        so that all ranks leave the loop at the same step."""
+        return self._stop_agreed if self.dist.world_size > 1 else self._stop_requested
+
     def close(self) -> None:
-        """Stop the data loader's background threads; give back the signal handlers."""
+        """Stop the data loader's background threads, leave the process group, give back
+        the signal handlers."""
         try:
-            self.data.close()
+            data = self.__dict__.get("data")
+            if data is not None:
+                data.close()
+            if self.__dict__.get("_jax_distribution") is not None:
+                import keras
+
+                keras.distribution.set_distribution(None)
+                self._jax_distribution = None
+            self._close_dist()
         finally:
             self._restore_signal_handlers()
+
+    def _close_dist(self) -> None:
+        if self._owns_dist:
+            self.dist.close()
 
     # ------------------------------------------------------------------ logging
     @property
@@ -546,6 +708,18 @@ def _use_seed_state(model) -> None:
         for generator in getattr(layer, "_seed_generators", ()):
             if getattr(generator, "_initial_seed", 0) is None:
                 generator._initial_seed = int(ops.convert_to_numpy(generator.state.value)[0])
+
+
+def _offset_seed_states(model, rank: int) -> None:
+    """Give rank ``rank`` its own dropout streams: the seed of every ``SeedGenerator``
+    state (``[seed, counter]``) is shifted by the rank, so the ranks draw different masks."""
+    from keras import ops
+
+    for v in model.non_trainable_variables:
+        if "seed_generator_state" in v.path:
+            state = np.array(ops.convert_to_numpy(v.value))
+            state[0] = (int(state[0]) + 1_000_003 * rank) % (2 ** 31)
+            v.assign(state)
 
 
 def _empty_window() -> dict:

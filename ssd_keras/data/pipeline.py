@@ -1,8 +1,16 @@
 """``make_dataset``: an infinite, seeded, resumable stream of preprocessed image batches.
 
-Order. Epoch ``e`` visits the images in ``rng([seed, 0, e]).permutation(N)``; shard ``k`` of
-``n`` takes the ``k``-th of ``n`` equal contiguous slices of it (``N // n`` images each, so
-every shard has the same epoch length; the ``N % n`` images left over change every epoch).
+Order. Epoch ``e`` visits the images in ``rng([seed, 0, e]).permutation(N)``. Two ways to
+shard it over ``n`` processes (``sharding``):
+
+- ``"contiguous"``: shard ``k`` takes the ``k``-th of ``n`` equal contiguous slices of it
+  (``N // n`` images each, so every shard has the same epoch length; the ``N % n`` images
+  left over change every epoch). The state is a position in the shard's own slice.
+- ``"strided"`` (data-parallel training, docs/distributed.md): the epochs form one global
+  stream and shard ``k``, restored to global position ``P``, takes the stream's elements
+  ``P + k, P + k + n, P + k + 2n, ...``. The state is the *job's* global position (where
+  the next round of ``n`` images starts), so a run can resume with another ``n``: no image
+  of the epoch is skipped or repeated. With ``n = 1`` both modes are the same stream.
 Whether image ``i`` is flipped in epoch ``e`` is ``rng([seed, 1, e]).random(N)[i] < 0.5``:
 it depends on (seed, epoch, index) only, never on decoding order or worker count.
 
@@ -34,6 +42,7 @@ from .sources import DataError, DigitsSource, FolderSource, TfdsSource
 SOURCES = ("digits", "folder", "tfds")
 ON_BAD_IMAGE = ("skip", "error")
 SMALL_IMAGES = ("upscale", "skip", "error")
+SHARDINGS = ("contiguous", "strided")
 STATE_VERSION = 1
 
 # How many bad images are named one by one in warnings / report() before they are only counted.
@@ -88,14 +97,17 @@ class _Pipeline:
     ``ImageBatches`` that is dropped without ``close()`` is still collected and stopped)."""
 
     def __init__(self, source, *, image_size, batch_size, seed, random_flip, cache,
-                 on_bad_image, small_images, num_workers, shard_index, num_shards, num_images):
+                 on_bad_image, small_images, num_workers, shard_index, num_shards, num_images,
+                 sharding="contiguous"):
         self.source = source
+        self.sharding = sharding
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.random_flip, self.on_bad_image = random_flip, on_bad_image
         self.small_images, self.num_workers = small_images, num_workers
         self.shard_index, self.num_shards = shard_index, num_shards
         self.num_images = num_images
-        self.images_per_epoch = num_images // num_shards
+        # the range of the state's position: the shard's slice, or the global epoch
+        self.images_per_epoch = num_images if sharding == "strided" else num_images // num_shards
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
         self.lock = threading.Lock()
         self.bad: dict[int, str] = {}        # index -> error text (unreadable)
@@ -116,7 +128,8 @@ class _Pipeline:
             if table is None:
                 n, length = self.num_images, self.images_per_epoch
                 perm = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
-                order = perm[self.shard_index * length : (self.shard_index + 1) * length]
+                order = (perm if self.sharding == "strided" else
+                         perm[self.shard_index * length : (self.shard_index + 1) * length])
                 flips = (np.random.default_rng([self.seed, 1, epoch]).random(n) < 0.5
                          if self.random_flip else None)
                 table = (order, flips)
@@ -126,12 +139,23 @@ class _Pipeline:
             return table
 
     def stream(self, epoch: int, position: int):
-        """Yield ``(epoch, position, index, flip)`` forever from a stream position."""
+        """Yield ``(epoch, position, index, flip)`` forever from a stream position; the
+        ``(epoch, position)`` yielded is the state *after* taking that image."""
+        k, n = (self.shard_index, self.num_shards) if self.sharding == "strided" else (0, 1)
+        skip = k  # strided: skip k images, then take one in every n
         while True:
             order, flips = self.epoch_table(epoch)
             for pos in range(position, len(order)):
+                if skip:
+                    skip -= 1
+                    continue
+                skip = n - 1
                 index = int(order[pos])
-                yield epoch, pos, index, bool(flips[index]) if flips is not None else False
+                # the job's next position: this image's round of n images is done
+                after, after_epoch = pos + n - k, epoch
+                while after >= len(order):
+                    after, after_epoch = after - len(order), after_epoch + 1
+                yield after_epoch, after, index, bool(flips[index]) if flips is not None else False
             epoch, position = epoch + 1, 0
 
     # ------------------------------------------------------------------ decoding
@@ -218,7 +242,7 @@ class _Pipeline:
                         future = None if self.excluded(index) else self.submit(index)
                         pending.append((ep, pos, index, flip, future))
                     ep, pos, index, flip, future = pending.popleft()
-                    epoch, position = ep, pos + 1
+                    epoch, position = ep, pos
                     if future is None or self.excluded(index):
                         continue
                     result = future.result()
@@ -237,8 +261,6 @@ class _Pipeline:
                     batch[i] = array
                 batch /= 127.5
                 batch -= 1.0
-                if position >= self.images_per_epoch:
-                    epoch, position = epoch + 1, 0
                 yield batch, (epoch, position), notes
         finally:
             for item in pending:
@@ -286,7 +308,7 @@ class ImageBatches:
     def __init__(self, source, *, image_size: int, batch_size: int, seed: int,
                  random_flip: bool, cache: bool, on_bad_image: str, small_images: str,
                  num_workers: int, prefetch: int, shard_index: int, num_shards: int,
-                 limit: int | None):
+                 limit: int | None, sharding: str = "contiguous"):
         self._closed = True  # until fully built, so __del__ is harmless
         num_images = len(source) if limit is None else min(limit, len(source))
         if num_images // num_shards == 0:
@@ -296,12 +318,13 @@ class ImageBatches:
         self.source = source
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.shard_index, self.num_shards = shard_index, num_shards
+        self.sharding = sharding
         self.num_workers, self.prefetch = num_workers, prefetch
         self.num_images = num_images
-        self.images_per_epoch = num_images // num_shards
-        if batch_size > self.images_per_epoch:
+        self.images_per_epoch = num_images if sharding == "strided" else num_images // num_shards
+        if batch_size > num_images // num_shards:
             warnings.warn(
-                f"batch_size={batch_size} is larger than the {self.images_per_epoch} images of "
+                f"batch_size={batch_size} is larger than the {num_images // num_shards} images of "
                 "an epoch (per shard): batches span several epochs and repeat images",
                 stacklevel=3,
             )
@@ -309,7 +332,7 @@ class ImageBatches:
             source, image_size=image_size, batch_size=batch_size, seed=seed,
             random_flip=random_flip, cache=cache, on_bad_image=on_bad_image,
             small_images=small_images, num_workers=num_workers, shard_index=shard_index,
-            num_shards=num_shards, num_images=num_images,
+            num_shards=num_shards, num_images=num_images, sharding=sharding,
         )
         self._thread = self._queue = self._stop = self._gen = None
         self._error: BaseException | None = None
@@ -374,8 +397,12 @@ class ImageBatches:
         return batch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Dataset indices this shard visits in ``epoch``, in order (unusable ones included)."""
-        return self._pipe.epoch_table(epoch)[0].copy()
+        """Dataset indices this shard visits in ``epoch``, in order (unusable ones included;
+        strided: from the epoch's start)."""
+        order = self._pipe.epoch_table(epoch)[0]
+        if self.sharding == "strided":
+            order = order[self.shard_index::self.num_shards]
+        return order.copy()
 
     def state(self) -> dict[str, Any]:
         """JSON-serializable stream position after the last batch returned by ``next``."""
@@ -387,19 +414,30 @@ class ImageBatches:
             "num_images": self.num_images,
             "shard_index": self.shard_index,
             "num_shards": self.num_shards,
+            "sharding": self.sharding,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state()``'s output: the next batches equal an uninterrupted run's.
 
         Seed, image count and sharding must match; batch_size, num_workers, prefetch and
-        cache may differ.
+        cache may differ. A ``"strided"`` dataset also takes the state of another shard or
+        shard count (strided, or contiguous with one shard: the same global stream).
         """
         if self._closed:
             raise RuntimeError("this ImageBatches is closed")
         if not isinstance(state, dict) or "epoch" not in state or "position" not in state:
             raise ValueError(f"state must be a dict from ImageBatches.state(), got {state!r}")
-        for key in ("seed", "num_images", "shard_index", "num_shards"):
+        keys = ("seed", "num_images", "shard_index", "num_shards")
+        if self.sharding == "strided" and (state.get("sharding") == "strided"
+                                           or state.get("num_shards", 1) == 1):
+            keys = ("seed", "num_images")  # a global position: any shard count resumes it
+        elif state.get("sharding", "contiguous") != self.sharding and self.num_shards > 1:
+            raise ValueError(
+                f"cannot restore: the saved data state has sharding="
+                f"{state.get('sharding', 'contiguous')!r} but this dataset has "
+                f"sharding={self.sharding!r}, num_shards={self.num_shards}")
+        for key in keys:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot restore: the saved data state has {key}={state[key]!r} but this "
@@ -488,7 +526,7 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
                  tfds_data_dir: str | None = None, image_key: str = "image",
                  random_flip: bool = True, cache: bool = False, on_bad_image: str = "skip",
                  small_images: str = "upscale", num_workers: int = 2, prefetch: int = 2,
-                 shard_index: int = 0, num_shards: int = 1,
+                 shard_index: int = 0, num_shards: int = 1, sharding: str = "contiguous",
                  limit: int | None = None) -> ImageBatches:
     """Open an image source as an endless, seeded, resumable stream of training batches.
 
@@ -512,6 +550,8 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
       num_workers: decoding threads (0: decode in the prefetch thread).
       prefetch: batches prepared ahead in a background thread (0: decode in ``next()``).
       shard_index, num_shards: this process's share of every epoch (equal, disjoint).
+      sharding: "contiguous" (a slice of every epoch per shard) or "strided" (every
+        ``num_shards``-th image of one global stream; resumable with another shard count).
       limit: use only the first ``limit`` images of the source (in listing order).
 
     Returns:
@@ -529,6 +569,7 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
     _check_int("num_shards", num_shards, 1)
     _check_int("shard_index", shard_index, 0)
     _check_int("limit", limit, 1, allow_none=True)
+    _check_choice("sharding", sharding, SHARDINGS)
     if shard_index >= num_shards:
         raise ValueError(
             f"shard_index must be in [0, num_shards), got shard_index={shard_index!r} with "
@@ -570,6 +611,6 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
         src, image_size=int(image_size), batch_size=int(batch_size), seed=int(seed),
         random_flip=bool(random_flip), cache=bool(cache), on_bad_image=on_bad_image,
         small_images=small_images, num_workers=int(num_workers), prefetch=int(prefetch),
-        shard_index=int(shard_index), num_shards=int(num_shards),
+        shard_index=int(shard_index), num_shards=int(num_shards), sharding=sharding,
         limit=None if limit is None else int(limit),
     )

@@ -1,0 +1,97 @@
+"""Test helper: one rank of a data-parallel run, started by torchrun from tests/test_distributed.py.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/_dist_worker.py MODE PIPELINE OUT``
+
+- ``state``: ``Trainer.fit(STEPS)`` with each rank drawing its own paths; every rank
+  records the paths it drew and every write it attempted, and dumps its weights, EMA and
+  optimizer state to ``OUT/rank{r}.npz``.
+- ``same_path``: ``STEPS`` steps on fixed batches (``fixed_step``) where both ranks use the
+  same path: rank r trains on its half of the batch; dumps as above.
+"""
+
+import builtins
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def fixed_step(process, step: int, batch: int):
+    """``(x0, t, noise)`` of step ``step`` for a global batch: one path for the batch."""
+    rng = np.random.default_rng([123, step])
+    x0 = rng.uniform(-1, 1, (batch, process.image_size, process.image_size, 3)).astype(np.float32)
+    t = process.sample_training_timesteps(rng, batch)
+    key = process.path_at(int(t[0]))
+    assert all(process.path_at(int(v)) == key for v in t)
+    noise = rng.standard_normal((batch, key[0], key[0], 3)).astype(np.float32)
+    return x0, t, noise
+
+
+def dump(trainer, path):
+    from keras import ops
+
+    arrays = {}
+    for i, v in enumerate(trainer.model.trainable_variables):
+        arrays[f"w{i:04d}"] = ops.convert_to_numpy(v.value)
+    for i, e in enumerate(trainer.ema):
+        arrays[f"e{i:04d}"] = ops.convert_to_numpy(e)
+    for i, v in enumerate(trainer.optimizer.variables):
+        arrays[f"o{i:04d}"] = ops.convert_to_numpy(v.value)
+    np.savez(path, **arrays)
+
+
+def main(mode, pipeline, out, steps):
+    from ssd_keras import checkpoint
+    from ssd_keras.config import load_pipeline
+    from ssd_keras.train import Trainer
+
+    rank = int(os.environ["RANK"])
+    writes = []
+    if rank != 0:  # record every file this rank opens for writing
+        real_open, real_atomic = builtins.open, checkpoint.atomic_write
+
+        def spy_open(file, mode="r", *a, **k):
+            if any(c in str(mode) for c in "wax+"):
+                writes.append(str(file))
+            return real_open(file, mode, *a, **k)
+
+        def spy_atomic(path, write):
+            writes.append(str(path))
+            return real_atomic(path, write)
+
+        builtins.open, checkpoint.atomic_write = spy_open, spy_atomic
+    cfg = load_pipeline(pipeline)
+    trainer = Trainer(cfg, progress=False)
+    paths = []
+    try:
+        if mode == "state":
+            draw = trainer._draw
+
+            def recording_draw(batch):
+                t, key, noise = draw(batch)
+                paths.append(list(key))
+                return t, key, noise
+
+            trainer._draw = recording_draw
+            trainer.fit(steps)
+        else:
+            b, n = cfg.train.batch_size, trainer.dist.world_size
+            half = slice(rank * b // n, (rank + 1) * b // n)
+            for s in range(steps):
+                x0, t, noise = fixed_step(trainer.process, s, b)
+                key = trainer.process.path_at(int(t[0]))
+                trainer._draw = lambda batch, t=t, key=key, noise=noise: (t[half], key, noise[half])
+                trainer.train_step(x0[half])
+        if rank != 0:
+            builtins.open = real_open
+        dump(trainer, os.path.join(out, f"rank{rank}.npz"))
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"paths": paths, "writes": writes, "step": trainer.step,
+                       "world_size": trainer.dist.world_size}, f)
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
