@@ -23,6 +23,7 @@ torch is a dependency of ssd_keras anyway; torch-fidelity is the optional ``fid`
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -139,8 +140,11 @@ def _utils():
 
 
 def image_files(folder: str | Path) -> list[str]:
-    """The PNG/JPEG files of ``folder`` (not recursive) in the order torch-fidelity reads them."""
-    return _utils().glob_samples_paths(str(folder), False, "png,jpg,jpeg", verbose=False)
+    """The PNG/JPEG files of ``folder`` (not recursive) in the order torch-fidelity reads a
+    folder: real paths, sorted (its ``glob_samples_paths``; needs no torch-fidelity)."""
+    folder = Path(folder)
+    return sorted(os.path.realpath(p) for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 
 def folder_features(folder: str | Path, extractor, *, batch_size: int = BATCH_SIZE,
