@@ -323,10 +323,9 @@ def evaluate(cfg, *, out: Path, parts: Callable | None, identity: dict, samples_
             ref_stats = read_reference_npz(Path(reference))
             result["reference"] = {"file": str(reference), "sha256": inception.file_sha256(reference),
                                    "num_images": int(len(ref_stats["features"])) if "features" in ref_stats else None}
-            cached = None
         else:
             ref_stats, cached = reference_statistics(ref_folder, extractor, sha, progress=progress, say=say)
-            result["reference"]["statistics_cached"] = cached
+            timing["reference_statistics_cached"] = cached
         timing["reference_seconds"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
         feats = inception.folder_features(folder, extractor, progress=progress, files=[str(f) for f in files])
