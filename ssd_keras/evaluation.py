@@ -318,6 +318,12 @@ def evaluate(cfg, *, out: Path, parts: Callable | None, identity: dict, samples_
             "device": "cuda" if next(extractor.parameters()).is_cuda else "cpu",
             "torch": torch.__version__,
         }
+        if not sha.startswith(inception.STANDARD_SHA256_PREFIX):
+            note = (f"{weights} is not the standard {inception.WEIGHTS_FILE} (its SHA-256 starts with "
+                    f"{sha[:8]}, not {inception.STANDARD_SHA256_PREFIX}): these numbers are not comparable "
+                    "with published ones")
+            say(f"warning: {note}")
+            notes.append(note)
         t0 = time.perf_counter()
         if reference is not None:
             ref_stats = read_reference_npz(Path(reference))

@@ -32,6 +32,8 @@ import numpy as np
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
+#: torch.hub's convention: the file name holds the first hex digits of the file's SHA-256
+STANDARD_SHA256_PREFIX = "6726825d"
 EXTRACTOR = "inception-v3-compat"
 LAYER = "2048"
 BATCH_SIZE = 64  # torch-fidelity's default batch size (features do not depend on it in theory,

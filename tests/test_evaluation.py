@@ -70,6 +70,7 @@ def test_metrics_equal_torch_fidelity_on_the_same_folders(setup, capsys):
     fe = result["feature_extractor"]
     assert fe["library"] == "torch-fidelity" and fe["version"] == inception.library_version()
     assert fe["weights_sha256"] == inception.file_sha256(setup["weights"])
+    assert any("not the standard" in n for n in result["notes"])  # random weights are not the file
     assert result["sampler"]["steps"] == 4 and result["sampler"]["seed"] == 1
     assert result["sampler"]["chunk_size"] == CHUNK and result["step"] == 2
     for row in ("FID", "KID", "precision / recall", "FD-pix8", "NN ratio"):
