@@ -115,7 +115,7 @@ def load_extractor(weights: str | Path, *, cuda: bool | None = None):
     """torch-fidelity's Inception feature extractor with the weights from ``weights``."""
     weights = Path(weights)
     if not weights.is_file():
-        raise InceptionError(f"{weights}: no such Inception weights file ({MISSING_WEIGHTS.split('.')[0]})")
+        raise InceptionError(f"{weights}: no such file (the Inception weights file {WEIGHTS_FILE})")
     import torch
 
     utils = _utils()
@@ -175,9 +175,10 @@ def folder_features(folder: str | Path, extractor, *, batch_size: int = BATCH_SI
 def fid_statistics(features: np.ndarray) -> dict:
     """torch-fidelity's FID statistics ``{"mu", "sigma"}`` of ``(N, D)`` features."""
     import torch
-    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     _utils()
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
     return fid_features_to_statistics(torch.from_numpy(np.ascontiguousarray(features)))
 
 
