@@ -44,7 +44,7 @@ PRC_NEIGHBORHOOD = 3
 
 MISSING_WEIGHTS = (
     f"FID, KID and precision/recall need the standard Inception weights file {WEIGHTS_FILE} "
-    f"(TF-Inception 2015-12-05 converted to PyTorch; 91 MB). It is usually downloaded from "
+    f"(TF-Inception 2015-12-05 converted to PyTorch; 95 MB). It is usually downloaded from "
     f"torch-fidelity's releases: {WEIGHTS_URL} . Pass it with --inception-weights FILE or "
     "set eval.inception_weights in the pipeline; reporting the weights-free measures only."
 )
