@@ -126,87 +126,61 @@ def sample(
 @app.command()
 def evaluate(
     run: Optional[str] = typer.Argument(None, help="Run directory or name (default: the most recent run)."),
-    num_images: Optional[int] = typer.Option(
-        None, "--num-images", "-n",
-        help="Samples to draw and real images to compare with (default 1000; with --samples-dir: all found)."),
+    num_samples: Optional[int] = typer.Option(
+        None, "--num-samples", "--num-images", "-n",
+        help="Samples to draw (eval.num_samples, default 1000; the paper: 50000); with --samples-dir: "
+             "the first N found (default all)."),
     steps: Optional[int] = typer.Option(None, help="Respaced sampling steps K (change steps are added)."),
     noise: Optional[str] = typer.Option(None, help="Posterior noise on change steps: exact | lanczos."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed (also seeds the KID subsets)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per sampling batch."),
+    chunk_size: Optional[int] = typer.Option(
+        None, help="Samples per resumable chunk, a multiple of the batch size (eval.chunk_size)."),
     inception_weights: Optional[Path] = typer.Option(
-        None, help="Local Keras InceptionV3 no-top weights file: adds FID and KID (comparable only "
-                   "within this tool, not with published FIDs)."),
+        None, help="The standard Inception weights file weights-inception-2015-12-05-6726825d.pth "
+                   "(eval.inception_weights): adds FID, KID, precision/recall (docs/evaluation.md)."),
+    reference: Optional[Path] = typer.Option(
+        None, help="Reference statistics .npz (mu, sigma[, features]) instead of the run's data "
+                   "(eval.reference)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Reference cache (eval.cache_dir)."),
     samples_dir: Optional[Path] = typer.Option(
         None, help="Evaluate the PNGs in this folder (or its images/) instead of sampling."),
     out: Optional[Path] = typer.Option(
-        None, help="Output folder for metrics.json (and samples) (default: RUN/eval/<settings>, "
-                   "or --samples-dir)."),
+        None, help="Output folder for samples and metrics.json (default: RUN/eval/<settings>, "
+                   "or --samples-dir); an interrupted evaluation resumes there."),
     runs_dir: Path = typer.Option(Path("runs"), help="Where runs live."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Sample quality: FD-pix8, KID-pix8, channel stats, nearest-neighbour ratio (+ FID/KID)."""
+    """Sample quality: FID, KID, precision/recall (with the Inception weights) and weights-free measures."""
     from .config import from_dict
-    from .metrics import (
-        draw_data_images, evaluate_images, format_table, inception_model, load_image_folder,
-        quantize, save_json,
-    )
+    from .evaluation import EvaluationError, evaluate as run_evaluation, format_report
+    from .inception import InceptionError
     from .runs import load_run
 
-    if num_images is not None and num_images < 2:
-        raise UserError(f"--num-images {num_images}: must be >= 2")
-    if inception_weights is not None and not inception_weights.is_file():
-        raise UserError(f"--inception-weights {inception_weights}: no such file")
     run_dir = _find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir)
-    overrides = {k: v for k, v in dict(
-        steps=steps, noise=noise, num_images=num_images or 1000, batch_size=batch_size,
-        seed=seed).items() if v is not None}
     d = cfg.to_dict()
-    d["sampler"].update(overrides)
+    d["sampler"].update({k: v for k, v in dict(steps=steps, noise=noise, batch_size=batch_size,
+                                               seed=seed).items() if v is not None})
+    d["eval"].update({k: v for k, v in dict(
+        num_samples=None if samples_dir else num_samples, chunk_size=chunk_size,
+        inception_weights=inception_weights and str(inception_weights),
+        reference=reference and str(reference), cache_dir=cache_dir and str(cache_dir)).items() if v is not None})
     cfg = from_dict(d, source=f"{path} (with command-line options)")
-    s = cfg.sampler
-    info = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"]}
-    if samples_dir is not None:
-        try:
-            samples = load_image_folder(samples_dir, image_size=cfg.process.image_size, limit=num_images)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        out = out or samples_dir
-        info["samples_dir"] = str(samples_dir)
-    else:
-        from .images import save_grid, save_image, to_uint8
-        from .sample import sample_images
-
-        model, process, objective = _sampling_parts(cfg, groups, ema=True)
-        out = out or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}_n{s.num_images}"
-        _say(f"sampling {s.num_images} images from {path} (EMA weights), "
-             f"{len(process.respace(s.steps))} network calls per image")
-        start = time.perf_counter()
-        result = sample_images(
-            model, process, objective, num_images=s.num_images, steps=s.steps, noise=s.noise,
-            lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance, seed=s.seed,
-            batch_size=s.batch_size, progress=progress,
-        )
-        info["sampling_seconds"] = round(time.perf_counter() - start, 3)
-        info["sampler"] = {k: getattr(s, k) for k in (
-            "steps", "noise", "lanczos_iterations", "clip", "variance", "seed", "batch_size")}
-        samples = quantize(result.images)
-        save_grid(samples[:64], out / "grid.png")
-        for i, img in enumerate(to_uint8(samples)):
-            save_image(img, out / "images" / f"{i:05d}.png")
-    data = quantize(draw_data_images(cfg, len(samples)))
-    if len(data) < len(samples):
-        _say(f"note: the dataset has only {len(data)} images; comparing with all of them")
-    feature_model = None
-    if inception_weights is not None:
-        try:
-            feature_model = inception_model(inception_weights)
-        except ValueError as exc:  # a file Keras cannot read as InceptionV3 weights
-            raise UserError(f"--inception-weights {inception_weights}: {exc}") from None
-    result = evaluate_images(samples, data, feature_model=feature_model, seed=s.seed)
-    result.update(info)
-    _say(format_table(result))
-    _say(f"wrote {save_json(result, out / 'metrics.json')}")
+    e, s = cfg.eval, cfg.sampler
+    out = out or samples_dir or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}"
+    identity = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"], "ema": True}
+    try:
+        result = run_evaluation(
+            cfg, out=out, parts=lambda: _sampling_parts(cfg, groups, ema=True), identity=identity,
+            samples_dir=samples_dir, samples_limit=num_samples,
+            weights=Path(e.inception_weights) if e.inception_weights else None,
+            reference=Path(e.reference) if e.reference else None,
+            cache_dir=Path(e.cache_dir) if e.cache_dir else None, progress=progress, say=_say)
+    except (EvaluationError, InceptionError) as exc:
+        raise UserError(str(exc)) from None
+    _say(format_report(result))
+    _say(f"wrote {out / 'metrics.json'}")
 
 
 def _sampling_parts(cfg, groups: dict, ema: bool = True):

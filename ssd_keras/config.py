@@ -1,7 +1,7 @@
 """Pipeline files (TOML) -> frozen, typed, validated dataclasses.
 
 A pipeline file has one table per section (``[run]``, ``[data]``, ``[process]``,
-``[model]``, ``[loss]``, ``[optimizer]``, ``[ema]``, ``[train]``, ``[sampler]``). Every
+``[model]``, ``[loss]``, ``[optimizer]``, ``[ema]``, ``[train]``, ``[sampler]``, ``[eval]``). Every
 key is optional except ``process.image_size`` and ``process.levels``. The field names of
 the section dataclasses equal the keyword arguments of the modules that consume them, so
 a section is handed over as ``fn(**dataclasses.asdict(cfg.section))``.
@@ -51,6 +51,7 @@ __all__ = [
     "EMAConfig",
     "TrainConfig",
     "SamplerConfig",
+    "EvalConfig",
     "PipelineConfig",
     "SECTIONS",
     "MODEL_FINGERPRINT_KEYS",
@@ -209,6 +210,21 @@ class SamplerConfig(_Section):
     seed: int = _opt(0, ge=0)
 
 
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """``ssd-run evaluate`` (docs/evaluation.md)."""
+
+    num_samples: int = _opt(1000, ge=2, doc="samples to draw (the paper's FIDs: 50000)")
+    inception_weights: str = _opt("", doc="weights-inception-2015-12-05-6726825d.pth: adds FID, "
+                                          "KID, precision/recall")
+    reference: str = _opt("", doc="reference statistics .npz (mu, sigma[, features]); "
+                                  "default: the run's data, computed once and cached")
+    reference_images: int = _opt(50000, ge=2, doc="data images in the reference (at most all)")
+    chunk_size: int = _opt(0, ge=0, doc="samples per resumable chunk, a multiple of "
+                                        "sampler.batch_size; 0 = about 500")
+    cache_dir: str = _opt("", doc="reference cache; default: $XDG_CACHE_HOME/ssd_keras")
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
@@ -219,6 +235,7 @@ SECTIONS: dict[str, type] = {
     "ema": EMAConfig,
     "train": TrainConfig,
     "sampler": SamplerConfig,
+    "eval": EvalConfig,
 }
 
 #: ``section.key`` s whose change alters the network or the diffusion process; a run
@@ -251,6 +268,7 @@ class PipelineConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     #: where the config came from (for error messages); not part of equality.
     source: str = field(default="<config>", compare=False, repr=False)
 
@@ -559,6 +577,9 @@ def _validate(cfg: PipelineConfig) -> list[str]:
                                 f"(process.levels = 1, got {p.levels}); use \"fixed_small\"")
     if sampler.steps > p.timesteps:
         err("sampler.steps", f"must be <= process.timesteps = {p.timesteps}")
+    if cfg.eval.chunk_size % sampler.batch_size:
+        err("eval.chunk_size", f"must be a multiple of sampler.batch_size = {sampler.batch_size} "
+                               "(every chunk samples whole batches)")
     return errors
 
 

@@ -21,18 +21,13 @@ Weights-free metrics (no download, no network, deterministic):
   model that copies data images. Only the data images drawn for the evaluation are
   searched, so a sample copying a training image outside that set is not caught.
 
-FID and KID (``inception_model`` + ``inception_features``): Keras's
-``keras.applications.InceptionV3(include_top=False, pooling="avg")`` 2048-d features, with
-images resized to 299x299 (bilinear) and preprocessed by
-``keras.applications.inception_v3.preprocess_input``. The weights come from a local file
-(nothing is downloaded). **These numbers are comparable only with other numbers from this
-tool**: the papers' FIDs (SSD included) use the TF-slim / pytorch-fid Inception network
-(``pt_inception-2015-12-05``), whose weights and resizing differ from Keras's ImageNet
-InceptionV3, so the same images get a different FID.
+FID, KID and precision/recall with the standard TF-Inception features are computed by
+torch-fidelity (``inception.py``, ``evaluation.py``, docs/evaluation.md), not here.
 
-Fréchet distance (Heusel et al. 2017), as the reference implementations compute it:
-``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))``, with ``eps * I`` added to both
-covariances when the square root is not finite or has a significant imaginary part.
+Fréchet distance (Heusel et al. 2017): ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))``
+with ``tr(sqrt(S1 S2))`` taken as the sum of the square roots of the eigenvalues of ``S1 S2``
+(real parts), as torch-fidelity computes it: no matrix square root (scipy's ``sqrtm`` took
+~86 s at 2048 dimensions), and finite for singular covariances.
 
 KID (Bińkowski et al. 2018): the unbiased estimator of the squared MMD with the polynomial
 kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over random subsets (default 100 subsets of
@@ -46,22 +41,14 @@ equal N.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 PIX_SIZE = 8
-INCEPTION_SIZE = 299
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 CHANNEL_NAMES = "RGB"
-
-FID_NOTE = (
-    "FID/KID use Keras's InceptionV3 with the given weights file: comparable only with other "
-    "numbers from ssd-run evaluate, not with published FIDs (TF / pytorch-fid Inception)."
-)
-
 
 # ------------------------------------------------------------------ feature spaces
 def _as_images(images) -> np.ndarray:
@@ -110,51 +97,26 @@ def gaussian_fit(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
-    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))``. As in the
-    reference implementations (TTUR, pytorch-fid), ``eps * I`` is added to both covariances
-    when the product's square root is not finite (near-singular covariances, e.g. fewer
-    images than dimensions); a remaining imaginary part is dropped, with a warning where it
-    is significant (pytorch-fid raises there instead).
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 sum sqrt(eig(sigma1 sigma2))``: the
+    eigenvalues of a product of two covariances are real and >= 0 up to rounding; their
+    square roots are taken in complex arithmetic and the real parts summed (torch-fidelity's
+    formula), which stays finite for singular covariances (fewer images than dimensions).
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1),) * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
     diff = mu1 - mu2
-
-    def sqrt_product(offset: float):
-        eye = np.eye(len(mu1)) * offset
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return linalg.sqrtm((sigma1 + eye) @ (sigma2 + eye))
-
-    covmean = sqrt_product(0.0)
-    scale = max(np.abs(np.diagonal(sigma1)).max(), np.abs(np.diagonal(sigma2)).max(), 1e-12)
-
-    def significant_imag(m) -> bool:  # pytorch-fid's test, relative to the covariances' scale
-        return np.iscomplexobj(m) and not np.allclose(np.diagonal(m).imag, 0, atol=1e-3 * scale)
-
-    if not np.isfinite(covmean).all() or significant_imag(covmean):
-        covmean = sqrt_product(eps)
-    if np.iscomplexobj(covmean):
-        if significant_imag(covmean):
-            warnings.warn(
-                f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in "
-                "sqrtm(S1 S2) dropped (too few images for the feature dimension?)",
-                RuntimeWarning, stacklevel=2,
-            )
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)).real)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def frechet_distance_features(features1, features2, eps: float = 1e-6) -> float:
+def frechet_distance_features(features1, features2) -> float:
     """Fréchet distance between Gaussian fits of two ``(N, D)`` feature sets."""
-    return frechet_distance(*gaussian_fit(features1), *gaussian_fit(features2), eps=eps)
+    return frechet_distance(*gaussian_fit(features1), *gaussian_fit(features2))
 
 
 # ------------------------------------------------------------------ KID
@@ -224,60 +186,10 @@ def nearest_neighbour_ratio(samples, data) -> dict:
             "ratio": float(s_nn / d_nn) if d_nn > 0 else float("inf")}
 
 
-# ------------------------------------------------------------------ Inception
-def inception_model(weights: str | Path | None, input_size: int = INCEPTION_SIZE):
-    """Keras InceptionV3 feature extractor (2048-d, global average pooled).
-
-    ``weights``: a local weights file (e.g. Keras's
-    ``inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5``), or ``None`` for random
-    weights (tests). ``input_size`` other than 299 (at least 75) is for tests only.
-    """
-    import keras
-
-    if weights is not None:
-        weights = str(weights)
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"no Inception weights file {weights}")
-    return keras.applications.InceptionV3(
-        include_top=False, pooling="avg", weights=weights, input_shape=(input_size, input_size, 3)
-    )
-
-
-def inception_features(images, model, *, batch_size: int = 32) -> np.ndarray:
-    """``(N, F)`` float64 features of [-1, 1] NHWC images from an Inception-like model.
-
-    Images go to [0, 255], are resized (bilinear; antialiased, which only matters when
-    shrinking) to the model's square input size, and preprocessed with
-    ``keras.applications.inception_v3.preprocess_input``.
-    """
-    import keras
-    from keras import ops
-
-    from . import backend
-
-    x = np.asarray(images, dtype=np.float32)
-    size = model.input_shape[1]
-    out = []
-    for i in range(0, len(x), batch_size):
-        batch = ops.convert_to_tensor((x[i: i + batch_size] + 1.0) * 127.5)
-        with backend.no_grad():
-            if batch.shape[1] != size or batch.shape[2] != size:
-                batch = ops.image.resize(batch, (size, size), interpolation="bilinear", antialias=True)
-            batch = keras.applications.inception_v3.preprocess_input(batch)
-            feats = model(batch, training=False)
-        out.append(np.asarray(ops.convert_to_numpy(feats), dtype=np.float64).reshape(len(feats), -1))
-    return np.concatenate(out, 0)
-
-
 # ------------------------------------------------------------------ everything at once
-def evaluate_images(samples, data, *, feature_model=None, kid_subsets: int = KID_SUBSETS,
-                    kid_subset_size: int = KID_SUBSET_SIZE, seed: int = 0,
-                    inception_batch_size: int = 32) -> dict:
-    """All metrics of ``samples`` against ``data`` ([-1, 1] NHWC arrays) as a JSON-able dict.
-
-    ``feature_model``: an Inception feature extractor (``inception_model(...)``); without it
-    only the weights-free metrics are computed.
-    """
+def evaluate_images(samples, data, *, kid_subsets: int = KID_SUBSETS,
+                    kid_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict:
+    """The weights-free metrics of ``samples`` against ``data`` ([-1, 1] NHWC arrays), JSON-able."""
     samples, data = np.asarray(samples, np.float32), np.asarray(data, np.float32)
     if samples.shape[1:] != data.shape[1:]:
         raise ValueError(f"samples are {samples.shape[1:]} images but the data are {data.shape[1:]}")
@@ -297,15 +209,6 @@ def evaluate_images(samples, data, *, feature_model=None, kid_subsets: int = KID
     if small <= ps.shape[1]:
         notes.append(f"{small} images <= {ps.shape[1]} FD-pix8 dimensions: the covariances are singular "
                      "and FD-pix8 is strongly biased; compare only at equal N")
-    if feature_model is not None:
-        fs = inception_features(samples, feature_model, batch_size=inception_batch_size)
-        fd = inception_features(data, feature_model, batch_size=inception_batch_size)
-        kid_mean, kid_std = kernel_inception_distance(fs, fd, **kid)
-        metrics["fid"] = frechet_distance_features(fs, fd)
-        metrics["kid"] = {"mean": kid_mean, "std": kid_std}
-        notes.append(FID_NOTE)
-        if small <= fs.shape[1]:
-            notes.append(f"{small} images <= {fs.shape[1]} Inception dimensions: FID is strongly biased")
     return {
         "num_samples": len(samples),
         "num_data": len(data),
@@ -324,9 +227,6 @@ DEFINITIONS = {
     "nearest_neighbour": "mean L2 distance (flattened [-1, 1] pixels) of each sample to its nearest data "
                          "image / mean leave-one-out nearest-neighbour distance among the data images; "
                          "~1 fresh, ~0 copies",
-    "fid": "Fréchet distance of Keras InceptionV3 pool features (299x299 bilinear, inception_v3."
-           "preprocess_input); comparable only within this tool",
-    "kid": "KID (unbiased MMD^2, kernel (x.y/d+1)^3, subsets) of the same Inception features",
 }
 
 
@@ -342,9 +242,6 @@ def format_table(result: dict) -> str:
         ("FD-pix8 (8x8 pixels; not FID)", f"{m['fd_pix8']:.4f}"),
         ("KID-pix8", f"{m['kid_pix8']['mean']:.5f} ± {m['kid_pix8']['std']:.5f}"),
     ]
-    if "fid" in m:
-        rows += [("FID (Keras InceptionV3)", f"{m['fid']:.3f}"),
-                 ("KID (Keras InceptionV3)", f"{m['kid']['mean']:.5f} ± {m['kid']['std']:.5f}")]
     rows += [
         (f"channel mean {names} samples", vec(ch["samples"]["mean"])),
         (f"channel mean {names} data", vec(ch["data"]["mean"])),
@@ -381,25 +278,12 @@ def quantize(images) -> np.ndarray:
     return to_uint8(images).astype(np.float32) / 127.5 - 1.0
 
 
-def load_image_folder(folder: str | Path, *, image_size: int, limit: int | None = None) -> np.ndarray:
-    """[-1, 1] NHWC RGB images from a samples folder (its ``images/`` subfolder if present).
-
-    Files are read in sorted order; every image must be ``image_size`` square.
-    """
+def load_images(files, *, image_size: int) -> np.ndarray:
+    """[-1, 1] NHWC RGB images from a list of files, each ``image_size`` square."""
     from PIL import Image
 
-    from .data import IMAGE_EXTENSIONS, to_rgb
+    from .data import to_rgb
 
-    folder = Path(folder)
-    if (folder / "images").is_dir():
-        folder = folder / "images"
-    if not folder.is_dir():
-        raise ValueError(f"no samples folder {folder}")
-    files = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-    files = files[:limit] if limit else files
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     out = []
     for p in files:
         with Image.open(p) as img:
@@ -411,24 +295,21 @@ def load_image_folder(folder: str | Path, *, image_size: int, limit: int | None 
     return np.stack(out).astype(np.float32) / 127.5 - 1.0
 
 
-def draw_data_images(cfg, num_images: int) -> np.ndarray:
-    """The first ``num_images`` images (at most one epoch, so no repeats) of the run's data.
+def load_image_folder(folder: str | Path, *, image_size: int, limit: int | None = None) -> np.ndarray:
+    """[-1, 1] NHWC RGB images from a samples folder (its ``images/`` subfolder if present).
 
-    Uses the run's data config with ``random_flip = false`` and its seed ``run.seed`` (the
-    same images for every evaluation of a run).
+    Files are read in sorted order; every image must be ``image_size`` square.
     """
-    from .builders import build_dataset
-    from .config import from_dict
+    from .data import IMAGE_EXTENSIONS
 
-    d = cfg.to_dict()
-    d["data"]["random_flip"] = False
-    ds = build_dataset(from_dict(d, source="evaluation data (random_flip = false)"))
-    try:
-        n = min(num_images, ds.images_per_epoch)
-        batches, have = [], 0
-        while have < n:
-            batches.append(next(ds))
-            have += len(batches[-1])
-    finally:
-        ds.close()
-    return np.concatenate(batches, 0)[:n]
+    folder = Path(folder)
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    if not folder.is_dir():
+        raise ValueError(f"no samples folder {folder}")
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    files = files[:limit] if limit else files
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return load_images(files, image_size=image_size)

@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 
 from ssd_keras import metrics
-from ssd_keras.cli import main
-
-from test_end_to_end import TINY, write_images
 
 
 # ---------------------------------------------------------------------------- Fréchet distance
@@ -108,83 +105,36 @@ def test_nearest_neighbour_ratio_is_one_for_fresh_draws_and_zero_for_copies():
     assert copied["ratio"] < 0.05
 
 
-# ---------------------------------------------------------------------------- Inception path
-@pytest.fixture(scope="module")
-def tiny_inception(tmp_path_factory):
-    # the smallest input InceptionV3 accepts, random weights saved to a file and loaded back
-    # through the same builder as --inception-weights. Its 2048 features are cut to 64 for
-    # the test: scipy's sqrtm of a 2048x2048 product takes ~1-2 minutes on 2 cores (the
-    # code path is the same at any feature dimension).
-    import keras
-
-    random = metrics.inception_model(None, input_size=75)
-    path = tmp_path_factory.mktemp("inception") / "random.weights.h5"
-    random.save_weights(path)
-    model = metrics.inception_model(path, input_size=75)
-    assert model.output_shape == (None, 2048)
-    for a, b in zip(random.weights[::50], model.weights[::50]):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
-    return keras.Model(model.input, model.output[:, :64])
-
-
-def test_inception_features_and_full_evaluation_with_a_random_feature_model(tiny_inception):
+# ---------------------------------------------------------------------------- weights-free evaluation
+def test_evaluate_images_is_json_able_and_tabulated():
     rng = np.random.default_rng(8)
-    data = rng.uniform(-1, 1, (6, 32, 32, 3)).astype(np.float32)
-    samples = rng.uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
-    feats = metrics.inception_features(samples, tiny_inception, batch_size=4)
-    assert feats.shape == (5, 64) and np.isfinite(feats).all()
-    # batching does not change the features
-    np.testing.assert_allclose(metrics.inception_features(samples, tiny_inception, batch_size=5), feats,
-                               rtol=1e-4, atol=1e-5)
-    result = metrics.evaluate_images(samples, data, feature_model=tiny_inception, kid_subsets=5)
-    m = result["metrics"]
-    assert np.isfinite(m["fid"]) and np.isfinite(m["kid"]["mean"])
-    assert any("not with published FIDs" in n for n in result["notes"])
+    data = rng.uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
+    samples = rng.uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
+    result = metrics.evaluate_images(samples, data, kid_subsets=5)
+    assert set(result["metrics"]) == {"fd_pix8", "kid_pix8", "channels", "nearest_neighbour"}
     table = metrics.format_table(result)
-    assert "FID (Keras InceptionV3)" in table and "FD-pix8" in table
-    json.dumps(result)  # JSON-able
+    assert "FD-pix8" in table and "FID" not in table.replace("not FID", "")
+    json.dumps(result)
 
 
-def test_inception_model_refuses_a_missing_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        metrics.inception_model(tmp_path / "missing.h5")
+def test_frechet_distance_matches_the_matrix_square_root_definition():
+    # tr sqrt(S1 S2) from eigenvalues equals tr of scipy's sqrtm (non-commuting covariances)
+    from scipy import linalg
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(7, 7)), rng.normal(size=(7, 7))
+    s1, s2 = a @ a.T + 0.1 * np.eye(7), b @ b.T + 0.1 * np.eye(7)
+    mu1, mu2 = rng.normal(size=7), rng.normal(size=7)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
-# ---------------------------------------------------------------------------- ssd-run evaluate
-def test_evaluate_end_to_end_on_a_tiny_run(tmp_path, capsys):
-    write_images(tmp_path / "data")
-    pipeline = tmp_path / "tiny.toml"
-    pipeline.write_text(TINY.format(out=tmp_path / "runs", data=tmp_path / "data")
-                        .replace("steps = 4\n", "steps = 2\n", 1))
-    assert main([str(pipeline), "--no-progress"]) == 0
-    capsys.readouterr()
-    runs = tmp_path / "runs"
+def test_load_images_reads_pngs_back_exactly(tmp_path):
+    from ssd_keras.images import save_image, to_uint8
 
-    code = main(["evaluate", "tiny", "--runs-dir", str(runs), "--num-images", "4", "--steps", "4",
-                 "--seed", "1", "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "4 samples vs 4 data images" in out
-    for row in ("FD-pix8", "KID-pix8", "channel mean RGB samples", "NN ratio"):
-        assert row in out
-    assert "FID" not in out.replace("not FID", "")
-    folder = runs / "tiny" / "eval" / "step2_K4_exact_seed1_n4"
-    result = json.loads((folder / "metrics.json").read_text())
-    assert result["num_samples"] == 4 and result["num_data"] == 4 and result["step"] == 2
-    assert result["sampler"]["steps"] == 4 and result["sampler"]["seed"] == 1
-    assert np.isfinite(result["metrics"]["fd_pix8"]) and result["metrics"]["nearest_neighbour"]["ratio"] > 0
-    assert len(list((folder / "images").glob("*.png"))) == 4
-
-    # the saved PNGs give the same weights-free numbers (samples are quantized like PNGs)
-    code = main(["evaluate", str(runs / "tiny"), "--samples-dir", str(folder), "--seed", "1",
-                 "--out", str(tmp_path / "again"), "--no-progress"])
-    assert code == 0
-    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert again["samples_dir"] == str(folder) and "sampler" not in again
-    assert again["metrics"] == result["metrics"]
-
-    # a missing weights file is one clear line and exit 2
-    capsys.readouterr()
-    code = main(["evaluate", "tiny", "--runs-dir", str(runs), "--samples-dir", str(folder),
-                 "--inception-weights", str(tmp_path / "nope.h5")])
-    assert code == 2 and "nope.h5" in capsys.readouterr().err
+    images = metrics.quantize(np.random.default_rng(10).uniform(-1, 1, (3, 8, 8, 3)))
+    for i, img in enumerate(to_uint8(images)):
+        save_image(img, tmp_path / "images" / f"{i:05d}.png")
+    np.testing.assert_array_equal(metrics.load_image_folder(tmp_path, image_size=8), images)
+    with pytest.raises(ValueError, match="16x16"):
+        metrics.load_image_folder(tmp_path, image_size=16)
