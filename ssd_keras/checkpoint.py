@@ -1,7 +1,11 @@
 """Atomic, backend-neutral checkpoints.
 
-A checkpoint is one ``.npz`` file holding named lists of numpy arrays (model variables,
-EMA, optimizer state) and a JSON metadata record (step, RNG and data positions, config).
+A checkpoint is one ``.npz`` file holding groups of numpy arrays (model variables, EMA,
+optimizer state), each array keyed by its variable's path (``model/input_blocks_1_0/
+in_layers_2/kernel``), and a JSON metadata record (step, RNG and data positions, config,
+the paths of each group in order). Loading into a model verifies the paths
+(``assign_checked``): a renamed or reordered variable is refused, naming the first
+differing path, instead of loading silently into the wrong variable.
 It is written to a temporary file in the same directory, flushed to disk and renamed into
 place, so a run killed at any moment leaves either the old set of checkpoints or the new
 one, never a half-written file under a checkpoint name. Arrays are plain numpy, so a
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: arrays keyed by position (before the official network)
 _NAME = re.compile(r"^ckpt_(\d{9})\.npz$")
 _TMP_PREFIX = ".tmp-"
 _UMASK = os.umask(0o022)  # read the process umask (mkstemp creates files 0600) ...
@@ -34,8 +38,52 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"ckpt_{int(step):09d}.npz"
 
 
-def save_checkpoint(directory: str | Path, step: int, groups: dict[str, list], meta: dict) -> Path:
-    """Write ``groups`` (name -> list of arrays) and ``meta`` atomically; return the path.
+def variable_names(variables, optimizer: bool = False) -> list[str]:
+    """The checkpoint names of ``variables``: their paths, but without the process-wide
+    counters Keras puts into some: the dropout layers' seed states
+    (``seed_generator_12/...``) are named by their order, and an optimizer's variables
+    (``adam_w_2/input_blocks_0_0_kernel_momentum``) by ``optimizer/`` and the rest."""
+    names, seeds = [], 0
+    for v in variables:
+        if optimizer:
+            names.append("optimizer/" + v.path.split("/", 1)[-1])
+        elif v.path.startswith("seed_generator"):
+            names.append(f"seed_generator_state/{seeds}")
+            seeds += 1
+        else:
+            names.append(v.path)
+    return names
+
+
+def assign_checked(variables, arrays, names, what: str, where: str, assign: bool = True) -> None:
+    """Check that a checkpoint group's ``names`` are ``variables``' names, in order, and
+    that every shape fits; then (``assign``) assign. Any mismatch raises
+    ``CheckpointError`` naming the first differing path, and nothing is assigned."""
+    expected = variable_names(variables, optimizer=what == "optimizer")
+    for i, (theirs, ours) in enumerate(zip(names, expected)):
+        if theirs != ours:
+            raise CheckpointError(
+                f"{where}: {what} tensor {i} is {theirs!r}, the model's is {ours!r} (a renamed "
+                f"or reordered variable; the checkpoint does not fit this network)"
+            )
+    if len(names) != len(expected):
+        raise CheckpointError(
+            f"{where} holds {len(names)} {what} tensors, this model has {len(expected)}"
+        )
+    for v, a, name in zip(variables, arrays, expected):
+        if tuple(v.shape) != tuple(a.shape):
+            raise CheckpointError(
+                f"{where}: {what} tensor {name} has shape {a.shape}, the model wants {tuple(v.shape)}"
+            )
+    if assign:
+        for v, a in zip(variables, arrays):
+            v.assign(a)
+
+
+def save_checkpoint(directory: str | Path, step: int, groups: dict[str, list], meta: dict,
+                    names: dict[str, list[str]]) -> Path:
+    """Write ``groups`` (name -> list of arrays, ``names[group]`` their variable names)
+    and ``meta`` atomically; return the path.
 
     A failure (disk full, unwritable directory, an interrupt) leaves the directory as it
     was: no temporary file behind, an existing checkpoint of the same step untouched. I/O
@@ -44,10 +92,15 @@ def save_checkpoint(directory: str | Path, step: int, groups: dict[str, list], m
     directory = Path(directory)
     payload = {}
     for group, arrays in groups.items():
-        for i, a in enumerate(arrays):
-            payload[f"{group}/{i:05d}"] = np.asarray(a)
+        keys = list(names[group])
+        if len(keys) != len(arrays) or len(set(keys)) != len(keys):
+            raise ValueError(f"checkpoint group {group!r}: {len(arrays)} arrays, "
+                             f"{len(set(keys))} distinct names for them")
+        for key, a in zip(keys, arrays):
+            payload[f"{group}/{key}"] = np.asarray(a)
     record = dict(meta, step=int(step), format_version=FORMAT_VERSION,
-                  groups={g: len(a) for g, a in groups.items()})
+                  groups={g: len(a) for g, a in groups.items()},
+                  names={g: list(names[g]) for g in groups})
     payload["__meta__"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     final = checkpoint_path(directory, step)
 
@@ -106,13 +159,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, list[np.ndarray]], dict
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["__meta__"]).decode())
-            groups = {
-                g: [data[f"{g}/{i:05d}"] for i in range(n)] for g, n in meta["groups"].items()
-            }
+            if meta.get("format_version") != FORMAT_VERSION:
+                groups = None
+            else:
+                groups = {g: [data[f"{g}/{k}"] for k in keys] for g, keys in meta["names"].items()}
     except Exception as exc:  # zip, json and key errors all mean the same to a user
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if groups is None:
+        version = meta.get("format_version")
+        hint = (" (arrays keyed by position, written before ssd_keras built the official "
+                "network; its variables no longer match: retrain, or import an official "
+                "checkpoint)") if version == 1 else ""
+        raise CheckpointError(f"checkpoint {path} has format {version}, expected "
+                              f"{FORMAT_VERSION}{hint}")
     return groups, meta
 
 

@@ -113,7 +113,7 @@ def sample(
         d = cfg.to_dict()
         d["sampler"].update(overrides)
         cfg = from_dict(d, source=f"{path} (with command-line options)")
-    model, process, objective = _sampling_parts(cfg, groups, ema)
+    model, process, objective = _sampling_parts(cfg, groups, meta, path, ema)
     s = cfg.sampler
     out = out or run_dir / "samples" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}{'' if ema else '_raw'}"
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
@@ -172,7 +172,7 @@ def evaluate(
     identity = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"], "ema": True}
     try:
         result = run_evaluation(
-            cfg, out=out, parts=lambda: _sampling_parts(cfg, groups, ema=True), identity=identity,
+            cfg, out=out, parts=lambda: _sampling_parts(cfg, groups, meta, path, ema=True), identity=identity,
             samples_dir=samples_dir, samples_limit=num_samples,
             weights=Path(e.inception_weights) if e.inception_weights else None,
             reference=Path(e.reference) if e.reference else None,
@@ -183,13 +183,13 @@ def evaluate(
     _say(f"wrote {out / 'metrics.json'}")
 
 
-def _sampling_parts(cfg, groups: dict, ema: bool = True):
+def _sampling_parts(cfg, groups: dict, meta: dict, path, ema: bool = True):
     """``(model, process, objective)`` of a checkpoint, with its EMA (or raw) weights."""
     from .builders import build_process
     from .objectives import make_objective
     from .runs import model_with_weights
 
-    model = model_with_weights(cfg, groups, ema)
+    model = model_with_weights(cfg, groups, meta, ema, where=f"checkpoint {path}")
     process = build_process(cfg)
     return model, process, make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
 

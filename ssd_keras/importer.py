@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import checkpoint_path, save_checkpoint
+from .checkpoint import checkpoint_path, save_checkpoint, variable_names
 from .config import ConfigError, PipelineConfig, load_pipeline
 from .official import (
     OfficialCheckpointError,
@@ -148,11 +148,9 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
         "model": [ops.convert_to_numpy(v.value) for v in model.variables],
         "ema": [ops.convert_to_numpy(v.value) for v in model.trainable_variables],
     }
-    meta = {
-        "config": cfg.to_dict(),
-        "model_variables": [v.path for v in model.variables],
-        "imported_from": record,
-    }
+    meta = {"config": cfg.to_dict(), "imported_from": record}
+    names = {"model": variable_names(model.variables),
+             "ema": variable_names(model.trainable_variables)}
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     staging = runs_dir / f".tmp-import-{run_name}-{os.getpid()}"
@@ -162,7 +160,7 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
             cfg.to_toml(header=f"imported from {checkpoint.name} ({reason})")
         )
         (staging / "import.json").write_text(json.dumps(record, indent=2) + "\n")
-        save_checkpoint(staging / "checkpoints", step, groups, meta)
+        save_checkpoint(staging / "checkpoints", step, groups, meta, names)
         os.rename(staging, run_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

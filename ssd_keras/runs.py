@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import CheckpointError, latest_good_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, assign_checked, latest_good_checkpoint, load_checkpoint
 from .config import from_dict
 
 CHANNELS = 3  # RGB; the bundled digits are replicated to three channels
@@ -30,24 +30,17 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     return cfg, groups, meta, path
 
 
-def model_with_weights(cfg, groups: dict, ema: bool = True):
+def model_with_weights(cfg, groups: dict, meta: dict, ema: bool = True, where: str = "checkpoint"):
     """A float32 Flexi-UNet of ``cfg`` holding a checkpoint's EMA (or raw) weights; its
-    non-trainable variables (e.g. dropout seed states) come from the raw model group."""
+    non-trainable variables (e.g. dropout seed states) come from the raw model group.
+    The checkpoint's variable names are verified first (``assign_checked``)."""
     from .builders import build_model
 
     model = build_model(cfg, precision="float32", channels=CHANNELS)
-    trainable = [v.trainable for v in model.variables]
-    if len(groups["model"]) != len(trainable):
-        raise CheckpointError(
-            f"checkpoint holds {len(groups['model'])} model tensors, the network of its "
-            f"config has {len(trainable)}"
-        )
-    raw = dict(zip(map(id, model.variables), groups["model"]))
-    weights = groups["ema"] if ema else [raw[id(v)] for v in model.trainable_variables]
-    for v, a in zip(model.trainable_variables, weights):
-        v.assign(a)
-    for v in model.non_trainable_variables:
-        v.assign(raw[id(v)])
+    names = meta.get("names", {})
+    assign_checked(model.variables, groups["model"], names.get("model", []), "model", where)
+    if ema:
+        assign_checked(model.trainable_variables, groups["ema"], names.get("ema", []), "EMA", where)
     return model
 
 
@@ -56,7 +49,7 @@ def load_sampling_model(run_dir, checkpoint=None, ema: bool = True):
     from .builders import build_process
     from .objectives import make_objective
 
-    cfg, groups, _, _ = load_run(run_dir, checkpoint)
-    model = model_with_weights(cfg, groups, ema)
+    cfg, groups, meta, path = load_run(run_dir, checkpoint)
+    model = model_with_weights(cfg, groups, meta, ema, where=f"checkpoint {path}")
     process = build_process(cfg)
     return model, process, make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)

@@ -25,6 +25,7 @@ from . import backend, distributed
 from .builders import build_dataset, build_model, build_optimizer, build_process
 from .checkpoint import (
     CheckpointError,
+    assign_checked,
     atomic_write_text,
     checkpoint_path,
     latest_good_checkpoint,
@@ -32,6 +33,7 @@ from .checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    variable_names,
 )
 from .config import ConfigError, PipelineConfig, from_dict, incompatible_keys
 from .objectives import make_objective
@@ -208,6 +210,14 @@ class Trainer:
             "optimizer": [ops.convert_to_numpy(v.value) for v in self.optimizer.variables],
         }
 
+    def state_names(self) -> dict[str, list[str]]:
+        """The variable names of each group of ``state_groups``, in order."""
+        return {
+            "model": variable_names(self.model.variables),
+            "ema": variable_names(self.model.trainable_variables),
+            "optimizer": variable_names(self.optimizer.variables, optimizer=True),
+        }
+
     def state_meta(self) -> dict:
         import keras
 
@@ -218,7 +228,6 @@ class Trainer:
             "skipped": self.skipped,
             "log_window": {k: list(v) for k, v in self._window.items()},
             "backend": keras.backend.backend(),
-            "model_variables": [v.path for v in self.model.variables],
         }
 
     def _restore(self, groups: dict, meta: dict, path=None, allow_config_change: bool = False) -> None:
@@ -230,9 +239,14 @@ class Trainer:
             step, rng, data = int(meta["step"]), meta["rng"], meta["data"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where} is incomplete (no {exc})") from None
-        self._assign(self.model.variables, model, "model", where)
-        self._assign(self.optimizer.variables, optimizer, "optimizer", where)
-        self._assign(self.model.trainable_variables, ema, "EMA", where)
+        names = meta.get("names", {})
+        checks = [(self.model.trainable_variables, ema, "ema", "EMA"),
+                  (self.model.variables, model, "model", "model"),
+                  (self.optimizer.variables, optimizer, "optimizer", "optimizer")]
+        for assign in (False, True):  # everything is checked before anything is assigned
+            for variables, arrays, group, what in checks:
+                if group != "ema" or not assign:
+                    assign_checked(variables, arrays, names.get(group, []), what, where, assign)
         self.ema = [ops.convert_to_tensor(a) for a in ema]
         rng, data = self._rank_state(meta, rng, data)
         try:
@@ -288,24 +302,6 @@ class Trainer:
                 f"the processes disagree on (step, variables, optimizer variables): {seen}; "
                 f"they must all see the same run directory and pipeline")
 
-    @staticmethod
-    def _assign(variables, arrays, what: str, where: str = "checkpoint") -> None:
-        """Check every shape first, then assign (a mismatch leaves the model untouched)."""
-        if len(variables) != len(arrays):
-            raise CheckpointError(
-                f"{where} holds {len(arrays)} {what} tensors, this model has {len(variables)}"
-            )
-        for v, a in zip(variables, arrays):
-            if tuple(v.shape) != tuple(a.shape):
-                raise CheckpointError(
-                    f"{where}: {what} tensor for {v.path} has shape {a.shape}, the model "
-                    f"wants {tuple(v.shape)}"
-                )
-        if what == "EMA":
-            return
-        for v, a in zip(variables, arrays):
-            v.assign(a)
-
     def save(self) -> Path:
         """Write a checkpoint of the current step (atomically) and prune old ones.
 
@@ -323,7 +319,8 @@ class Trainer:
         error = None
         if self.is_main:
             try:
-                path = save_checkpoint(self.ckpt_dir, self.step, self.state_groups(), meta)
+                path = save_checkpoint(self.ckpt_dir, self.step, self.state_groups(), meta,
+                                       self.state_names())
             except CheckpointError as exc:
                 if self.dist.world_size == 1:
                     raise

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssd_keras.checkpoint import list_checkpoints, load_checkpoint
+from ssd_keras.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ssd_keras.cli import main
 from ssd_keras.config import load_pipeline
 
@@ -523,6 +523,47 @@ def test_changed_model_refused_unless_allowed(run, capsys):
                  "--allow-config-change", "--no-progress"])
     assert code == 0
     assert list_checkpoints(run_dir / "checkpoints")[-1][0] == 6
+
+
+def _rewrite_checkpoint(path, change_names):
+    """Rewrite a checkpoint with its model group's names changed by ``change_names``
+    (arrays unchanged, as a checkpoint of a renamed or reordered network would be)."""
+    groups, meta = load_checkpoint(path)
+    names = meta.pop("names")
+    names["model"] = change_names(list(names["model"]))
+    for key in ("step", "format_version", "groups"):
+        meta.pop(key)
+    path.unlink()
+    save_checkpoint(path.parent, int(path.stem.split("_")[1]), groups, meta, names)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda n: [n[0].replace("kernel", "weights")] + n[1:], "model tensor 0 is 'input_blocks_0_0/weights'"),
+    (lambda n: [n[1], n[0]] + n[2:], "model tensor 0 is 'input_blocks_0_0/bias'"),
+])
+def test_a_renamed_or_reordered_variable_is_caught_on_load(change, expected, run, capsys):
+    pipe, run_dir = run
+    for step in (2, 4):
+        _rewrite_checkpoint(run_dir / "checkpoints" / f"ckpt_{step:09d}.npz", change)
+    before = snapshot(run_dir)
+    assert main([str(pipe), "--set", "train.steps=6", "--no-progress"]) == 2
+    (line,) = one_line_error(capsys.readouterr().err, 2, expected)
+    assert "the model's is 'input_blocks_0_0/kernel'" in line
+    assert snapshot(run_dir) == before
+    assert main(["sample", str(run_dir), "--no-progress"]) == 2
+    one_line_error(capsys.readouterr().err, 2, expected)
+
+
+def test_a_checkpoint_of_the_old_positional_format_is_refused(run, capsys):
+    pipe, run_dir = run
+    path = run_dir / "checkpoints" / "ckpt_000000004.npz"
+    groups, meta = load_checkpoint(path)
+    meta = dict(meta, format_version=1)
+    payload = {f"{g}/{i:05d}": a for g, arrays in groups.items() for i, a in enumerate(arrays)}
+    payload["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **payload)
+    assert main(["sample", str(run_dir), "--checkpoint", str(path), "--no-progress"]) == 2
+    one_line_error(capsys.readouterr().err, 2, "has format 1, expected 2 (arrays keyed by position")
 
 
 def test_changed_data_refused_on_resume(run, capsys):
