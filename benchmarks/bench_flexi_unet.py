@@ -5,7 +5,7 @@ SSD levels 8,16,32,64) at a reduced width for CPU. Times are the median of
 ``--repeats`` steps after one warm-up step, each step = forward in training mode +
 MSE loss + backward (torch autograd; this script needs the torch backend).
 
-    KERAS_BACKEND=torch OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_flexi_unet.py
+    KERAS_BACKEND=torch OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_flexi_unet.py
 """
 
 import argparse
@@ -14,7 +14,7 @@ import statistics
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the package sets it
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

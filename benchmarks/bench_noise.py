@@ -1,6 +1,6 @@
 """Cost of the posterior noise on SSD's resolution-change steps: exact vs Lanczos samplers.
 
-    KERAS_BACKEND=torch OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_noise.py \
+    KERAS_BACKEND=torch OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_noise.py \
         [--batch 64] [--repeats 3] [--iterations 40] [--sizes 64,128,256]
 
 On a change step ``t -> s`` (``r(t) = r(s)/2``) the posterior noise has covariance

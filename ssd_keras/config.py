@@ -128,7 +128,7 @@ class DataConfig(_Section):
     random_flip: bool = _opt(True)
     cache: bool = _opt(False)
     on_bad_image: str = _opt("skip", choices=("skip", "error"))
-    small_images: str = _opt("upscale", choices=("upscale", "error"))
+    small_images: str = _opt("upscale", choices=("upscale", "skip", "error"))
     num_workers: int = _opt(2, ge=0)
     limit: int = _opt(0, ge=0, doc="0 = all images")
 

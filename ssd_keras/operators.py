@@ -13,7 +13,6 @@ Matrices are numpy float64; ``apply``/``adjoint`` run on the active Keras backen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -137,10 +136,6 @@ class SeparableOperator:
 
     # shapes
     @property
-    def in_shape(self) -> tuple[int, int]:
-        return self.mh.shape[1], self.mw.shape[1]
-
-    @property
     def out_shape(self) -> tuple[int, int]:
         return self.mh.shape[0], self.mw.shape[0]
 
@@ -154,9 +149,6 @@ class SeparableOperator:
         )
 
     # algebra (numpy)
-    def transpose(self) -> "SeparableOperator":
-        return SeparableOperator(self.mh.T, self.mw.T)
-
     def compose(self, first: "SeparableOperator") -> "SeparableOperator":
         """``self o first``: apply ``first``, then ``self``."""
         return SeparableOperator(self.mh @ first.mh, self.mw @ first.mw)
@@ -217,6 +209,3 @@ def downsample_operator(r_from: int, r_to: int, builder: str = "bilinear") -> Se
     sizes = halving_sizes(int(r_from), int(r_to))
     return SeparableOperator(downsample_chain_matrix(sizes, builder))
 
-
-def is_power_of_two(n: int) -> bool:
-    return n >= 1 and math.log2(n).is_integer()

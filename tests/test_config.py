@@ -504,3 +504,9 @@ def test_section_matches_consumer(module, attr, section):
     params = inspect.signature(fn).parameters
     missing = [f.name for f in dataclasses.fields(SECTIONS[section]) if f.name not in params]
     assert not missing, f"{module}.{attr} does not take {missing}"
+
+
+def test_small_images_skip_is_accepted_as_the_data_module_documents_it(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[data]\nsmall_images = "skip"\n[process]\nimage_size = 16\nlevels = 1\n')
+    assert load_pipeline(path).data.small_images == "skip"
