@@ -61,7 +61,7 @@ CASES = [
     (["sample", "--steps", "abc"], "Invalid value for '--steps'"),
     (["PIPE", "--steps", "abc"], "Invalid value for '--steps'"),
     (["inspect", "PIPE", "--steps", "2.5"], "Invalid value for '--steps'"),
-    (["evaluate", "--num-images", "many"], "Invalid value for '--num-images'"),
+    (["evaluate", "--num-samples", "many"], "Invalid value for '--num-samples'"),
     # an unknown command that names no file, and a missing argument
     (["smaple"], "No such command 'smaple'"),
     (["inspect"], "Missing argument"),
