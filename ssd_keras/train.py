@@ -112,7 +112,6 @@ class Trainer:
                 self.model = build_model(cfg, channels=CHANNELS)
             finally:
                 random.setstate(outer)
-            _use_seed_state(self.model)
             self.optimizer = build_optimizer(cfg)
             self.optimizer.build(self.model.trainable_variables)
             self.ema = [_copy(v) for v in self.model.trainable_variables]
@@ -687,24 +686,6 @@ class Trainer:
         except OSError:
             pass
         os._exit(128 + signum)
-
-
-def _use_seed_state(model) -> None:
-    """Make the model's random layers (dropout) draw from their checkpointed seed state.
-
-    An unseeded ``keras.layers.Dropout`` on the torch backend takes a fast path that uses
-    torch's global RNG and ignores its ``SeedGenerator`` state, so a resumed run would
-    draw other dropout masks than an uninterrupted one. Giving every unseeded generator
-    its own initial seed (the value its state was created from, itself fixed by
-    ``run.seed``) routes dropout through the state, which is a model variable and thus
-    in every checkpoint. Other backends always use the state; nothing changes there.
-    """
-    from keras import ops
-
-    for layer in model.model._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()):
-            if getattr(generator, "_initial_seed", 0) is None:
-                generator._initial_seed = int(ops.convert_to_numpy(generator.state.value)[0])
 
 
 def _offset_seed_states(model, rank: int) -> None:

@@ -22,6 +22,7 @@ projection and the output head's conv.
 """
 
 import math
+import random
 
 import keras
 from keras import ops
@@ -176,7 +177,12 @@ class ResBlock(keras.layers.Layer):
         self.in_conv = _conv(c, 3, "in_layers_2", p)
         self.emb_linear = _dense(2 * c if self.use_scale_shift_norm else c, "emb_layers_1", p)
         self.out_norm = GroupNorm(32, name="out_layers_0", dtype=p)
-        self.out_dropout = keras.layers.Dropout(self.dropout, name="out_layers_2", dtype=p)
+        # An explicit seed (from Python's ``random``, which the trainer seeds with
+        # run.seed while it builds the model) makes dropout draw from the SeedGenerator's
+        # state, a model variable that every checkpoint holds, on every backend; an
+        # unseeded Dropout on torch would use torch's global RNG and resume differently.
+        seed = random.randrange(1, 2**31 - 1) if self.dropout > 0 else None
+        self.out_dropout = keras.layers.Dropout(self.dropout, seed=seed, name="out_layers_2", dtype=p)
         self.out_conv = _conv(c, 3, "out_layers_3", p, zero=True)
         self.skip_connection = None
 
