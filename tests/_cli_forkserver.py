@@ -43,14 +43,12 @@ def _signal_hooks(specs) -> None:
         pending.append([point, int(nth), signal.Signals[name], spec])
     calls = {}
 
-    def fire(point) -> bool:
+    def fire(point) -> None:
         calls[point] = calls.get(point, 0) + 1
-        hits = [p for p in pending if p[0] == point and p[1] == calls[point]]
-        for p in hits:
+        for p in [p for p in pending if p[0] == point and p[1] == calls[point]]:
             pending.remove(p)
             os.write(2, f"test hook: {p[3]}\n".encode())
             signal.raise_signal(p[2])  # Python runs the handler before this returns
-        return bool(hits)
 
     train_step, loss_fn, close = Trainer.train_step, Trainer._loss_fn, ImageBatches.close
     savez = np.savez

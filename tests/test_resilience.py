@@ -259,7 +259,7 @@ def test_sigkill_at_random_moments_always_resumes(server, tmp_path):
         assert code == -signal.SIGKILL, (code, err)
         all_checkpoints_load(run_dir / "checkpoints")
 
-    done = list_checkpoints(run_dir / "checkpoints")[-1][0]
+    done = ([(0, None)] + list_checkpoints(run_dir / "checkpoints"))[-1][0]
     goal = done + 2
     code, out, err = server.run([pipe, "--no-progress", "--steps", 2], tmp_path)
     assert code == 0, err
