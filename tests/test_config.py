@@ -128,7 +128,8 @@ DEFAULTS = {
               "checkpoint_every": 5000, "sample_every": 10000, "keep_checkpoints": 3,
               "milestones": [], "on_nonfinite": "stop"},
     "sampler": {"steps": 1000, "noise": "exact", "lanczos_iterations": 40, "clip": True,
-                "variance": "fixed_small", "num_images": 16, "batch_size": 16, "seed": 0},
+                "variance": "fixed_small", "method": "ancestral", "eta": 0.0, "num_images": 16,
+                "batch_size": 16, "seed": 0},
 }
 
 
@@ -369,6 +370,11 @@ BAD = {
     "gamma_negative": (M4 + "[loss]\nmin_snr_gamma = -1\n", ["loss.min_snr_gamma = -1.0", ">= 0"]),
     "fixed_large_ssd": (M4 + '[sampler]\nvariance = "fixed_large"\n',
                         ['sampler.variance = "fixed_large"', "levels = 1"]),
+    "sampler_method": (M4 + '[sampler]\nmethod = "ddpm"\n',
+                       ['sampler.method = "ddpm"', '"ancestral", "ddim"']),
+    "sampler_eta_big": (M4 + "[sampler]\neta = 1.5\n", ["sampler.eta = 1.5", "<= 1.0"]),
+    "sampler_eta_negative": (M4 + "[sampler]\neta = -0.1\n", ["sampler.eta = -0.1", ">= 0"]),
+    "sampler_eta_string": (M4 + '[sampler]\neta = "zero"\n', ["sampler.eta", "expected a number"]),
     "lr_negative": (M4 + "[optimizer]\nlr = -1e-4\n", ["optimizer.lr = -0.0001", "> 0"]),
     "lr_zero": (M4 + "[optimizer]\nlr = 0\n", ["optimizer.lr = 0.0", "> 0"]),
     "lr_nan": (M4 + "[optimizer]\nlr = nan\n", ["optimizer.lr = nan", "finite"]),
