@@ -13,10 +13,12 @@ Metric: FD-pix8 and KID-pix8 of ``ssd_keras.metrics`` (weights-free), samples ag
 held-out data, at equal sample counts; the "data" rows give the floor (two disjoint data
 sets of the same size). Writes ``results.json`` and the plot.
 
-Example (the command behind docs/sampling_study.png):
+Example (the commands behind docs/sampling_study.png; the second adds the first's rows):
 
-    python benchmarks/study_ddim.py --run runs/quickstart --gaussian --seeds 0 1 2 \\
-        --num-images 256 --out docs/sampling_study.png
+    python benchmarks/study_ddim.py --gaussian --gaussian-num-images 500 \\
+        --out docs/study/gaussian.png
+    python benchmarks/study_ddim.py --run runs/quickstart --num-images 256 \\
+        --include docs/study/gaussian.json --out docs/sampling_study.png
 """
 
 from __future__ import annotations
@@ -283,10 +285,12 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--variant-max-steps", type=int, default=250,
                     help="largest K for the 'posterior on changes' variant (saves time)")
+    ap.add_argument("--include", type=Path, action="append", default=[],
+                    help="results .json of an earlier invocation to add to the table and plot")
     ap.add_argument("--out", type=Path, default=Path("docs/sampling_study.png"))
     args = ap.parse_args(argv)
-    if not args.run and not args.gaussian:
-        ap.error("give --run RUN and/or --gaussian")
+    if not args.run and not args.gaussian and not args.include:
+        ap.error("give --run RUN, --gaussian and/or --include RESULTS.json")
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import keras
@@ -298,10 +302,15 @@ def main(argv=None):
         models.append(gaussian_model(args.gaussian_num_images) + (args.gaussian_num_images,))
     max_k = {"ddim eta=0, posterior on changes": args.variant_max_steps}
     rows = study(models, args.steps, args.seeds, args.batch_size, args.methods, max_k)
+    commands = [" ".join(sys.argv)]
+    for earlier in args.include:
+        previous = json.loads(earlier.read_text())
+        rows = previous["rows"] + rows
+        commands = previous.get("commands", []) + commands
     summary = summarize(rows)
     results = args.out.with_suffix(".json")
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(dict(command=" ".join(sys.argv), rows=rows, summary=summary,
+    results.write_text(json.dumps(dict(commands=commands, rows=rows, summary=summary,
                                        load=os.getloadavg()), indent=1))
     plot(summary, args.out)
     print(table(summary))
