@@ -206,3 +206,41 @@ def test_dense_reference_self_check():
     for t in (0, p.change_steps[0], p.timesteps - 1):
         _, cov = chain.marginal(x0, t)
         assert np.allclose(cov, p.noise_std[t] ** 2 * np.eye(p.r[t] ** 2), atol=1e-12)
+
+
+class _LinearToyModel:
+    """A stand-in network: x0_hat = 0.5 * (spatial mean of x_t), at the output resolution."""
+
+    def path(self, r_in, r_out):
+        def predict(x, t_vec):
+            m = ops.mean(x, axis=(1, 2), keepdims=True)
+            return ops.zeros((x.shape[0], r_out, r_out, x.shape[3]), dtype=x.dtype) + 0.5 * m
+
+        return predict
+
+
+@pytest.mark.parametrize("eta, change_eta", [(0.0, None), (0.3, None), (0.0, 1.0)])
+def test_sampling_loop_takes_the_ddim_step_with_the_right_eta_and_noise(monkeypatch, eta, change_eta):
+    """The loop of sample.py against a hand-written chain of ddim_step calls (same rng use)."""
+    from ssd_keras import sample as sample_module
+    from ssd_keras.objectives import X0Objective
+
+    monkeypatch.setattr(sample_module.backend, "inference_fn", lambda fn: fn)
+    p = ScaleSpaceProcess(16, 3, timesteps=60, resolution_schedule="Equal")
+    model = _LinearToyModel()
+    got = sample_module.sample_images(model, p, X0Objective(p), num_images=2, steps=8,
+                                      method="ddim", eta=eta, change_eta=change_eta, seed=3,
+                                      batch_size=2, channels=3, progress=False)
+    rng = np.random.default_rng(3)
+    pairs = p.reverse_steps(8)
+    x = rng.standard_normal((2, p.r[pairs[0][0]], p.r[pairs[0][0]], 3))
+    for t, s in pairs:
+        x0_hat = np.clip(np_(model.path(p.r[t], p.r[s])(ops.convert_to_tensor(x, "float32"), None)), -1, 1)
+        change = p.r[s] != p.r[t]
+        step_eta = change_eta if (change and change_eta is not None) else eta
+        xi = rng.standard_normal((2, p.r[s], p.r[s], 3)) if (change or step_eta > 0) else None
+        x = np_(p.ddim_step(x0_hat, x.astype(np.float32), None if xi is None else xi.astype(np.float32),
+                            t, s, eta=step_eta))
+    final = np.clip(0.5 * x.mean(axis=(1, 2), keepdims=True) + np.zeros((2, 16, 16, 3)), -1, 1)
+    assert got.network_calls == len(pairs) + 1
+    assert np.abs(got.images - final).max() < 1e-5
