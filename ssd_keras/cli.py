@@ -89,6 +89,8 @@ def sample(
     run: Optional[str] = typer.Argument(None, help="Run directory or name (default: the most recent run)."),
     steps: Optional[int] = typer.Option(None, help="Respaced sampling steps K (change steps are added)."),
     noise: Optional[str] = typer.Option(None, help="Posterior noise on change steps: exact | lanczos."),
+    method: Optional[str] = typer.Option(None, help="ancestral | ddim (docs/sampling.md)."),
+    eta: Optional[float] = typer.Option(None, help="ddim noise in [0, 1]: 0 deterministic, 1 ancestral."),
     lanczos_iterations: Optional[int] = typer.Option(None, help="Lanczos iterations (paper: 40)."),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="How many images."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
@@ -108,14 +110,14 @@ def sample(
     cfg, groups, meta, path = load_run(run_dir, checkpoint)
     overrides = {k: v for k, v in dict(
         steps=steps, noise=noise, lanczos_iterations=lanczos_iterations, num_images=num_images,
-        batch_size=batch_size, seed=seed, clip=clip).items() if v is not None}
+        batch_size=batch_size, seed=seed, clip=clip, method=method, eta=eta).items() if v is not None}
     if overrides:
         d = cfg.to_dict()
         d["sampler"].update(overrides)
         cfg = from_dict(d, source=f"{path} (with command-line options)")
     model, process, objective = _sampling_parts(cfg, groups, meta, path, ema)
     s = cfg.sampler
-    out = out or run_dir / "samples" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}{'' if ema else '_raw'}"
+    out = out or run_dir / "samples" / f"step{meta['step']}_K{s.steps}_{_method_tag(s)}_seed{s.seed}{'' if ema else '_raw'}"
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
          f"{len(process.respace(s.steps))} network calls per image")
     _write_samples(model, process, objective, cfg, out, progress=progress)
@@ -132,6 +134,8 @@ def evaluate(
              "the first N found (default all)."),
     steps: Optional[int] = typer.Option(None, help="Respaced sampling steps K (change steps are added)."),
     noise: Optional[str] = typer.Option(None, help="Posterior noise on change steps: exact | lanczos."),
+    method: Optional[str] = typer.Option(None, help="ancestral | ddim (docs/sampling.md)."),
+    eta: Optional[float] = typer.Option(None, help="ddim noise in [0, 1]: 0 deterministic, 1 ancestral."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed (also seeds the KID subsets)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per sampling batch."),
     chunk_size: Optional[int] = typer.Option(
@@ -161,14 +165,14 @@ def evaluate(
     cfg, groups, meta, path = load_run(run_dir)
     d = cfg.to_dict()
     d["sampler"].update({k: v for k, v in dict(steps=steps, noise=noise, batch_size=batch_size,
-                                               seed=seed).items() if v is not None})
+                                               seed=seed, method=method, eta=eta).items() if v is not None})
     d["eval"].update({k: v for k, v in dict(
         num_samples=None if samples_dir else num_samples, chunk_size=chunk_size,
         inception_weights=inception_weights and str(inception_weights),
         reference=reference and str(reference), cache_dir=cache_dir and str(cache_dir)).items() if v is not None})
     cfg = from_dict(d, source=f"{path} (with command-line options)")
     e, s = cfg.eval, cfg.sampler
-    out = out or samples_dir or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{s.noise}_seed{s.seed}"
+    out = out or samples_dir or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{_method_tag(s)}_seed{s.seed}"
     identity = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"], "ema": True}
     try:
         result = run_evaluation(
@@ -203,6 +207,7 @@ def _write_samples(model, process, objective, cfg, out: Path, progress: bool = T
     result = sample_images(
         model, process, objective, num_images=s.num_images, steps=s.steps, noise=s.noise,
         lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance, seed=s.seed,
+        method=s.method, eta=s.eta,
         batch_size=s.batch_size, record_progression=True, progress=progress,
     )
     seconds = time.perf_counter() - start
@@ -213,6 +218,11 @@ def _write_samples(model, process, objective, cfg, out: Path, progress: bool = T
     save_progression(result.frames, out / "progression.png", process.image_size)
     _say(f"wrote {len(result.images)} samples in {seconds:.1f} s "
          f"({seconds / len(result.images):.2f} s/image): {out / 'grid.png'}, {out / 'progression.png'}")
+
+
+def _method_tag(s) -> str:
+    """Sampler part of an output folder name: the noise method, or ddim and its eta."""
+    return s.noise if s.method == "ancestral" else f"ddim{s.eta:g}"
 
 
 def _find_run(run: Optional[str], runs_dir: Path) -> Path:

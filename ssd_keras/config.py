@@ -205,6 +205,10 @@ class SamplerConfig(_Section):
     lanczos_iterations: int = _opt(40, ge=1)
     clip: bool = _opt(True)
     variance: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
+    method: str = _opt("ancestral", choices=("ancestral", "ddim"),
+                       doc="ddim: marginal-preserving few-step sampler (docs/sampling.md)")
+    eta: float = _opt(0.0, ge=0.0, le=1.0, doc="ddim only: 0 = deterministic where possible, "
+                                              "1 = the ancestral posterior")
     num_images: int = _opt(16, gt=0)
     batch_size: int = _opt(16, gt=0)
     seed: int = _opt(0, ge=0)

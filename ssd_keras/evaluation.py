@@ -119,6 +119,7 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
             result = sample_images(
                 model, process, objective, num_images=want, steps=s.steps, noise=s.noise,
                 lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance,
+                method=s.method, eta=s.eta,
                 seed=chunk_seed(s.seed, c), batch_size=s.batch_size, progress=progress,
             )
             for i, img in zip(range(start, stop), to_uint8(result.images)):

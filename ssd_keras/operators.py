@@ -136,6 +136,10 @@ class SeparableOperator:
 
     # shapes
     @property
+    def in_shape(self) -> tuple[int, int]:
+        return self.mh.shape[1], self.mw.shape[1]
+
+    @property
     def out_shape(self) -> tuple[int, int]:
         return self.mh.shape[0], self.mw.shape[0]
 

@@ -42,6 +42,26 @@ class StepCoefficients:
         return self.rho * self.c**2
 
 
+@dataclass(frozen=True)
+class DDIMSpectra:
+    """Gains of a DDIM-style step in the singular bases of ``D = P [S 0] Q^T`` (per axis).
+
+    ``p_h``, ``p_w``: left singular vectors padded with zero columns to ``(m, n)``;
+    ``q_h``, ``q_w``: all right singular vectors ``(n, n)``, the first ``m`` spanning the
+    row space of the axis matrix; ``keep``/``fresh``: ``(n_h, n_w)`` grids of the gains on
+    the whitened residual and on fresh noise (docs/sampling.md, section 3).
+    """
+
+    k: StepCoefficients
+    eta: float
+    p_h: np.ndarray
+    p_w: np.ndarray
+    q_h: np.ndarray
+    q_w: np.ndarray
+    keep: np.ndarray
+    fresh: np.ndarray
+
+
 class ScaleSpaceProcess:
     """Noise schedule + resolution schedule + downsampling operators of an SSD model.
 
@@ -295,6 +315,97 @@ class ScaleSpaceProcess:
         qh, qh_t, qw, qw_t, scale = cache[key]
         spectral = separable_apply(xi, qh_t, qw_t)  # Q_h^T xi Q_w
         return separable_apply(scale * spectral, qh, qw)  # Q_h (.) Q_w^T
+
+    # ------------------------------------------------------------------ ddim
+    def ddim_spectra(self, t: int, s: int, eta: float) -> "DDIMSpectra":
+        """Per-direction gains of the DDIM-style step ``t -> s`` (docs/sampling.md, section 3).
+
+        With the per-axis SVDs ``A = P [S 0] Q^T`` of ``D = D_{r(s)->r(t)}`` the step acts
+        on each right singular direction ``(i, j)`` of ``D`` on its own. In the row space
+        (``i, j < m``) the correlation of the posterior is ``k = sqrt(rho) c s_i s_j`` and
+        the step keeps ``g = sqrt(1 - eta^2 (1 - k^2))`` of the whitened residual and adds
+        ``h = eta sqrt(1 - k^2)`` fresh noise; in the null space (``i >= m`` or ``j >= m``)
+        it is pure fresh noise, ``g = 0, h = 1``. ``eta = 1`` is the SSD posterior
+        (SPEC.md 5); on a plain span this is DDIM (docs/sampling.md, section 2).
+        """
+        eta = float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"ddim eta must lie in [0, 1], got {eta}")
+        k = self.step_coefficients(t, s)
+        op = self.operator(self.r[k.s], self.r[k.t])
+        ph, sh, qh_t = np.linalg.svd(op.mh, full_matrices=True)
+        pw, sw, qw_t = np.linalg.svd(op.mw, full_matrices=True)
+        n_h, n_w = op.in_shape
+        m_h, m_w = op.out_shape
+        k2 = np.zeros((n_h, n_w))
+        k2[:m_h, :m_w] = k.shrink * np.outer(sh**2, sw**2)  # rho c^2 s_i^2 s_j^2
+        row = np.zeros((n_h, n_w), dtype=bool)
+        row[:m_h, :m_w] = True
+        one_minus = np.clip(1.0 - k2, 0.0, None)
+        keep = np.where(row, np.sqrt(np.clip(1.0 - eta**2 * one_minus, 0.0, None)), 0.0)
+        fresh = np.where(row, eta * np.sqrt(one_minus), 1.0)
+        pad_h = np.zeros((m_h, n_h))
+        pad_h[:, :m_h] = ph
+        pad_w = np.zeros((m_w, n_w))
+        pad_w[:, :m_w] = pw
+        return DDIMSpectra(k=k, eta=eta, p_h=pad_h, p_w=pad_w, q_h=qh_t.T, q_w=qw_t.T,
+                           keep=keep, fresh=fresh)
+
+    def ddim_step(self, x0_hat, x_t, xi, t: int, s: int | None = None, eta: float = 0.0):
+        """One DDIM-style step ``x_t -> x_s`` that keeps ``q(x_s | x0)`` for every ``eta``.
+
+        ``x_s = a_s x0_hat + sigma_s Q [g * (P^T e) + h * (Q^T xi)]`` with the whitened
+        residual ``e = (x_t - a_t D x0_hat) / sigma_t`` and the gains of ``ddim_spectra``
+        (docs/sampling.md, section 3). On a plain span (``D = I``) this is DDIM,
+        ``x_s = a_s x0_hat + sqrt(sigma_s^2 - eta^2 sigmatilde^2) eps_hat + eta sigmatilde xi``
+        with ``eps_hat = (x_t - a_t x0_hat) / sigma_t`` and ``sigmatilde^2`` the DDPM
+        posterior variance of the span (docs/sampling.md, section 2). ``xi ~ N(0, I)`` at
+        resolution ``r(s)``; it may be ``None`` where no fresh noise is needed (a plain span
+        with ``eta = 0``). Same cost as an ancestral step: on a change span eight small
+        matrix products, as for the posterior mean plus the exact noise.
+        """
+        from keras import ops
+
+        k = self.step_coefficients(t, s)
+        eta = float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"ddim eta must lie in [0, 1], got {eta}")
+        x0_hat = _as_float(x0_hat)
+        x_t = _as_float(x_t, x0_hat.dtype)
+        op = self.operator(self.r[k.s], self.r[k.t])
+        if op.is_identity:
+            sigma_t = float(self.noise_std[k.t])
+            tilde2 = k.sigma_s**2 * (1.0 - k.shrink)  # DDPM posterior variance of the span
+            keep = math.sqrt(max(k.sigma_s**2 - eta**2 * tilde2, 0.0)) / sigma_t
+            a_t = k.c * k.a_s
+            out = (k.a_s - keep * a_t) * x0_hat + keep * x_t
+            if eta > 0.0:
+                if xi is None:
+                    raise ValueError("ddim_step with eta > 0 needs the noise xi")
+                out = out + (eta * math.sqrt(tilde2)) * _as_float(xi, x0_hat.dtype)
+            return out
+        if xi is None:
+            raise ValueError("a ddim step across a resolution change needs the noise xi "
+                             "(the null space of the downsample is always fresh noise)")
+        from .operators import separable_apply
+
+        dtype = _dtype_name(x0_hat)
+        key = ("ddim", k.t, k.s, eta, dtype)
+        cache = self.__dict__.setdefault("_ddim_constants", {})
+        if key not in cache:
+            spec = self.ddim_spectra(k.t, k.s, eta)
+            sigma_t = float(self.noise_std[k.t])
+            cache[key] = tuple(ops.convert_to_tensor(m, dtype=dtype) for m in (
+                spec.p_h.T, spec.p_w.T, spec.q_h.T, spec.q_w.T, spec.q_h, spec.q_w,
+                (k.sigma_s / sigma_t * spec.keep)[None, :, :, None],
+                (k.sigma_s * spec.fresh)[None, :, :, None],
+            ))
+        p_h_t, p_w_t, q_h_t, q_w_t, q_h, q_w, keep, fresh = cache[key]
+        mu_s = k.a_s * x0_hat
+        residual = x_t - k.c * op.apply(mu_s)  # sigma_t e
+        spectral = keep * separable_apply(residual, p_h_t, p_w_t)
+        spectral = spectral + fresh * separable_apply(_as_float(xi, x0_hat.dtype), q_h_t, q_w_t)
+        return mu_s + separable_apply(spectral, q_h, q_w)
 
     # ------------------------------------------------------------------ respacing
     def respace(self, num_steps: int) -> list[int]:

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from . import backend
 from .process import ScaleSpaceProcess
 
+SAMPLING_METHODS = ("ancestral", "ddim")
+
 
 @dataclass
 class SampleResult:
@@ -40,14 +42,31 @@ def sample_images(
     lanczos_iterations: int = 40,
     clip: bool = True,
     variance: str = "fixed_small",
+    method: str = "ancestral",
+    eta: float = 0.0,
+    change_eta: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
     channels: int = 3,
     record_progression: bool = False,
     progress: bool = True,
 ) -> SampleResult:
-    """Draw ``num_images`` samples with ``steps`` respaced steps (default: all T)."""
+    """Draw ``num_images`` samples with ``steps`` respaced steps (default: all T).
+
+    ``method="ancestral"`` samples the SSD posterior at every step (``noise``,
+    ``variance``); ``"ddim"`` takes the marginal-preserving DDIM-style step of
+    ``ScaleSpaceProcess.ddim_step`` with ``eta`` (docs/sampling.md), which ignores
+    ``variance`` and needs no ``noise`` method. ``change_eta`` (Python API, for studies)
+    sets a different ``eta`` on resolution-change spans; ``1.0`` there is the exact
+    posterior on change steps.
+    """
     from keras import ops
+
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; valid: {', '.join(SAMPLING_METHODS)}")
+    for name, value in (("eta", eta), ("change_eta", eta if change_eta is None else change_eta)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
     rng = np.random.default_rng(seed)
     pairs = process.reverse_steps(steps or process.timesteps)
@@ -77,6 +96,18 @@ def sample_images(
             calls += 1
             if t in record_at and not outputs:
                 frames.append({"t": t, "x_t": _np(x), "x0_hat": _np(x0_hat)})
+            change = int(process.r[s]) != int(process.r[t])
+            if method == "ddim":
+                step_eta = eta if change_eta is None or not change else change_eta
+                xi = None
+                if change or step_eta > 0:
+                    xi = ops.convert_to_tensor(
+                        rng.standard_normal((b, int(process.r[s]), int(process.r[s]), channels)),
+                        dtype="float32")
+                with backend.no_grad():
+                    x = process.ddim_step(x0_hat, x, xi, t, s, eta=step_eta)
+                bar.update(1)
+                continue
             xi = rng.standard_normal((b, int(process.r[s]), int(process.r[s]), channels))
             with backend.no_grad():
                 x = process.posterior_mean(x0_hat, x, t, s) + process.posterior_noise(

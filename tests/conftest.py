@@ -13,7 +13,7 @@ def pytest_report_header(config):
 
 
 # Modules whose tests check float64 inputs against float64 references (1e-9 tolerances).
-FLOAT64_MODULES = {"test_process", "test_operators"}
+FLOAT64_MODULES = {"test_process", "test_operators", "test_ddim"}
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """End to end through the CLI: train, checkpoint, resume, sample with respacing."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -108,6 +109,23 @@ def test_train_resume_and_sample_through_the_cli(tiny_pipeline, tmp_path, capsys
     assert np.asarray(Image.open(images[0])).shape == (16, 16, 3)
     # K=4 plus the two change steps -> 6 network calls per image
     assert "6 network calls" in out
+
+    # few-step DDIM-style sampling (docs/sampling.md), and evaluate with it
+    code = main(["sample", "--runs-dir", str(tmp_path / "runs"), "--steps", "4", "--method", "ddim",
+                 "--eta", "0.5", "-n", "2", "--no-progress"])
+    assert code == 0
+    assert "6 network calls" in capsys.readouterr().out
+    ddim_dir = run_dir / "samples" / "step6_K4_ddim0.5_seed0"
+    assert len(list((ddim_dir / "images").glob("*.png"))) == 2
+    code = main(["evaluate", "tiny", "--runs-dir", str(tmp_path / "runs"), "-n", "3", "--steps", "4",
+                 "--method", "ddim", "--no-progress"])
+    assert code == 0
+    result = json.loads((run_dir / "eval" / "step6_K4_ddim0_seed0" / "metrics.json").read_text())
+    assert result["sampler"]["method"] == "ddim" and result["sampler"]["eta"] == 0.0
+    code = main(["sample", "--runs-dir", str(tmp_path / "runs"), "--method", "ddim", "--eta", "2",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sampler.eta = 2.0: must be <= 1.0" in err
 
 
 def test_changed_model_is_refused_on_resume(tiny_pipeline, capsys):
