@@ -20,7 +20,7 @@ import os as _os
 # extra here). An explicit KERAS_BACKEND always wins.
 _os.environ.setdefault("KERAS_BACKEND", "torch")
 # OpenMP's default wait policy made 2 torch threads 3-5x slower than one on small CPU
-# machines (DESIGN.md); ACTIVE (spinning) fixed that on an idle machine but was ~6x slower
+# machines (docs/design.md); ACTIVE (spinning) fixed that on an idle machine but was ~6x slower
 # than PASSIVE as soon as another process shared the cores. PASSIVE is the safe default.
 # It must be set before torch is imported; an explicit setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -54,7 +54,7 @@ def group_norm(x, groups, gamma, beta, epsilon=1e-5):
     On torch, ``torch.nn.functional.group_norm`` runs on the channels-last view of ``x``
     (``movedim`` is free, and torch's channels-last CPU/GPU kernels need no copy); the
     generic ``keras.ops`` version with reshapes and NHWC<->NCHW copies cost ~30% of a
-    training step there (DESIGN.md). Other backends use the generic version, which
+    training step there (docs/design.md). Other backends use the generic version, which
     their compilers fuse.
     """
     if BACKEND == "torch" and isinstance(x, torch.Tensor):

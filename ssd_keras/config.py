@@ -200,7 +200,7 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class SamplerConfig(_Section):
-    steps: int = _opt(1000, ge=2, doc="respaced K (SPEC.md 7); default: process.timesteps")
+    steps: int = _opt(1000, ge=2, doc="respaced K (docs/math.md section 7); default: process.timesteps")
     noise: str = _opt("exact", choices=("exact", "lanczos"))
     lanczos_iterations: int = _opt(40, ge=1)
     clip: bool = _opt(True)
@@ -523,7 +523,7 @@ def _validate(cfg: PipelineConfig) -> list[str]:
         err("data.tfds_name", 'data.source = "tfds" needs data.tfds_name '
                               '(e.g. "celeb_a", "imagenet_resized/64x64", "cifar10")')
 
-    # [process] against [model] (SPEC.md 2: every level is a UNet feature resolution)
+    # [process] against [model] (docs/math.md section 2: every level is a UNet feature resolution)
     n_unet = len(m.channel_mult)
     feats = cfg.feature_resolutions
     if p.levels > n_unet:
@@ -540,7 +540,7 @@ def _validate(cfg: PipelineConfig) -> list[str]:
         try:
             parse_resolution_schedule(p.resolution_schedule)
             if p.levels > 1:
-                # the invariants of SPEC.md 2 (every level gets a timestep, r non-increasing)
+                # the invariants of docs/math.md section 2 (every level gets a timestep, r non-increasing)
                 resolution_schedule(p.resolution_schedule, p.resolutions, p.timesteps)
         except ValueError as e:
             err("process.resolution_schedule", str(e))

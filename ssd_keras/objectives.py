@@ -1,4 +1,4 @@
-"""What the network predicts and how it is weighted (SPEC.md section 4).
+"""What the network predicts and how it is weighted (docs/math.md section 4).
 
 An objective turns a clean batch into (network input, regression target, per-sample
 weight), and turns a network output back into an x0 prediction when sampling. The SSD

@@ -1,4 +1,4 @@
-"""Separable linear degradations (SPEC.md section 3).
+"""Separable linear degradations (docs/math.md section 3).
 
 A degradation ``D`` that acts on every channel of an image the same way and factorizes over
 the spatial axes is stored as two small matrices, ``mh`` (rows) and ``mw`` (columns):
@@ -77,7 +77,7 @@ MATRIX_BUILDERS: dict[str, Callable[[int, int], np.ndarray]] = {
 def downsample_chain_matrix(sizes, builder: str = "bilinear") -> np.ndarray:
     """Per-axis matrix of the chain of resizes ``sizes[0] -> sizes[1] -> ...``.
 
-    SPEC.md: ``D_{1:t}`` is the chain of the per-step 2x resizes, not one direct resize
+    docs/math.md section 3: ``D_{1:t}`` is the chain of the per-step 2x resizes, not one direct resize
     (with antialiasing, two 2x steps differ from one 4x).
     """
     build = _builder(builder)

@@ -1,4 +1,4 @@
-"""The Scale Space Diffusion process (SPEC.md sections 3-7), as pure math.
+"""The Scale Space Diffusion process (docs/math.md sections 3-7), as pure math.
 
 ``ScaleSpaceProcess`` owns every table that does not depend on a batch (noise schedule,
 r(t), change steps, per-pair operators and their eigenbases, respaced step tables), computed
@@ -223,7 +223,7 @@ class ScaleSpaceProcess:
 
     # ------------------------------------------------------------------ training t
     def sample_training_timesteps(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        """The paper's one-path-per-batch timestep sampler (SPEC.md section 4).
+        """The paper's one-path-per-batch timestep sampler (docs/math.md section 4).
 
         Draw ``t*`` uniformly; a change step is used by the whole batch, otherwise each sample
         draws uniformly among the non-change steps at resolution ``r(t*)``. Every ``t`` keeps
@@ -246,7 +246,7 @@ class ScaleSpaceProcess:
 
     # ------------------------------------------------------------------ reverse
     def posterior_mean(self, x0_hat, x_t, t: int, s: int | None = None):
-        """``mu = a_s x0_hat + rho c D^T (x_t - c a_s D x0_hat)`` (Theorem 2 / SPEC.md 5)."""
+        """``mu = a_s x0_hat + rho c D^T (x_t - c a_s D x0_hat)`` (Theorem 2 / docs/math.md section 5)."""
         k = self.step_coefficients(t, s)
         x0_hat = _as_float(x0_hat)
         mu_s = k.a_s * x0_hat
@@ -267,7 +267,7 @@ class ScaleSpaceProcess:
     ):
         """Noise ``z`` with covariance ``sigma_s^2 (I - rho c^2 D^T D)``, from ``xi ~ N(0, I)``.
 
-        ``method="exact"`` uses the per-axis eigenbases (SPEC.md 6); ``"lanczos"`` runs
+        ``method="exact"`` uses the per-axis eigenbases (docs/math.md section 6); ``"lanczos"`` runs
         ``iterations`` Lanczos steps of ``sqrt(A) xi`` batched over samples and channels.
         ``variance="fixed_large"`` (the DDPM-eps baseline, plain steps only) uses
         ``1 - alphabar_t/alphabar_s`` instead (the posterior variance when ``s = 0``).
@@ -326,7 +326,7 @@ class ScaleSpaceProcess:
         the step keeps ``g = sqrt(1 - eta^2 (1 - k^2))`` of the whitened residual and adds
         ``h = eta sqrt(1 - k^2)`` fresh noise; in the null space (``i >= m`` or ``j >= m``)
         it is pure fresh noise, ``g = 0, h = 1``. ``eta = 1`` is the SSD posterior
-        (SPEC.md 5); on a plain span this is DDIM (docs/sampling.md, section 2).
+        (docs/math.md section 5); on a plain span this is DDIM (docs/sampling.md, section 2).
         """
         eta = float(eta)
         if not 0.0 <= eta <= 1.0:
@@ -409,7 +409,7 @@ class ScaleSpaceProcess:
 
     # ------------------------------------------------------------------ respacing
     def respace(self, num_steps: int) -> list[int]:
-        """Kept original timesteps for ``num_steps`` sampling steps, ascending (SPEC.md 7).
+        """Kept original timesteps for ``num_steps`` sampling steps, ascending (docs/math.md section 7).
 
         ``round(i (T-1)/(K-1))`` for ``i = 0..K-1`` plus every resolution-change step.
         The stride is accumulated in float64 as guided-diffusion's ``space_timesteps``

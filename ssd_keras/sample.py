@@ -1,4 +1,4 @@
-"""The reverse process (SPEC.md sections 5-7): from r_min noise to full-resolution images.
+"""The reverse process (docs/math.md sections 5-7): from r_min noise to full-resolution images.
 
 Noise is drawn with numpy's seeded generator on the host, so a seed gives the same
 samples on every backend (up to float32 rounding of the network).

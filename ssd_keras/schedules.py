@@ -1,4 +1,4 @@
-"""Noise schedules and resolution schedules r(t) (SPEC.md sections 1-2).
+"""Noise schedules and resolution schedules r(t) (docs/math.md sections 1-2).
 
 Everything here is numpy float64 and independent of Keras. Timesteps are 0-indexed:
 ``t = 0`` is the least noisy state and ``t = T-1`` the noisiest.
@@ -138,7 +138,7 @@ def _sigmoid_like(v, g):
 
 
 def _level_from_top(kind, g, tau, n):
-    """Levels below the top (0 = full resolution) at ``tau = t/(T-1)``: SPEC.md section 2,
+    """Levels below the top (0 = full resolution) at ``tau = t/(T-1)``: docs/math.md section 2,
     with Python's ``int()`` of the float exactly as the official code computes it (no
     tolerance: float rounding decides ties, e.g. ConvexDecay-0.5, 3 levels, t = 888)."""
     if kind == "Equal":
@@ -150,7 +150,7 @@ def _level_from_top(kind, g, tau, n):
 
 
 def level_index(name: str, levels: int, timesteps: int) -> np.ndarray:
-    """The level index ``i(t)`` (0 = coarsest) for t = 0..T-1, per SPEC.md section 2.
+    """The level index ``i(t)`` (0 = coarsest) for t = 0..T-1, per docs/math.md section 2.
 
     Computed per step in float64 with the official code's expressions, so the released
     checkpoints' table is reproduced bit for bit (tested against tables made by it).
@@ -168,7 +168,7 @@ def level_index(name: str, levels: int, timesteps: int) -> np.ndarray:
 def resolution_schedule(name: str, resolutions, timesteps: int) -> np.ndarray:
     """r(t) for t = 0..T-1 as an int array; ``resolutions`` ascending, e.g. ``[8, 16, 32, 64]``.
 
-    Checks the invariants of SPEC.md section 2 (``r(0) = r_max``, ``r(T-1) = r_min``,
+    Checks the invariants of docs/math.md section 2 (``r(0) = r_max``, ``r(T-1) = r_min``,
     non-increasing, every level visited) and raises ``ValueError`` naming the schedule if a
     parameter breaks them.
     """

@@ -133,7 +133,7 @@ def test_compiled_step_equals_the_textbook_update():
 
 @pytest.mark.backend
 def test_dropout_draws_fresh_masks_each_step():
-    """The jax trap of DESIGN.md: a SeedGenerator inside raw jax.jit repeats its noise.
+    """The jax trap of docs/design.md: a SeedGenerator inside raw jax.jit repeats its noise.
     Here the seed state is threaded through stateless_call, so masks change per step."""
     u = tiny_unet(dropout=0.5, seed=3)
     path = u.path(8, 8)

@@ -1,4 +1,4 @@
-"""Flexi-UNet (SPEC.md section 8): paths, shared variables, zero skips, serialization."""
+"""Flexi-UNet (docs/architecture.md): paths, shared variables, zero skips, serialization."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""SPEC.md section 3: separable antialiased-bilinear operators."""
+"""docs/math.md section 3: separable antialiased-bilinear operators."""
 
 import numpy as np
 import pytest
@@ -91,7 +91,7 @@ def test_gram_eigendecomposition():
 
 
 def test_antialiased_halving_spectrum_matches_spec():
-    # SPEC.md 6: for the paper's operators the eigenvalues of D^T D lie in [0, ~0.25]
+    # docs/math.md section 6: for the paper's operators the eigenvalues of D^T D lie in [0, ~0.25]
     # (slightly above 0.25 from the renormalized border taps), so A = I - rho c^2 D^T D
     # has its spectrum in about [0.75, 1].
     for n in (64, 32, 16, 8):

@@ -1,4 +1,4 @@
-"""SPEC.md sections 3-7 against dense-matrix reference computations at small sizes.
+"""docs/math.md sections 3-7 against dense-matrix reference computations at small sizes.
 
 The reference builds the joint Gaussian of the whole forward chain from the per-step
 definition ``x_t = c_t D_t x_{t-1} + n_t`` (dense matrices, one channel), then conditions
@@ -294,7 +294,7 @@ def test_respacing_full_length_is_the_original_chain():
 def test_respacing_keeps_every_change_step():
     p = ScaleSpaceProcess(64, 4)
     kept = p.respace(250)
-    assert len(kept) == 252  # SPEC.md 7: 250 steps with ConvexDecay-0.5 and 4 levels
+    assert len(kept) == 252  # docs/math.md section 7: 250 steps with ConvexDecay-0.5 and 4 levels
     assert set(p.change_steps) <= set(kept) and kept == sorted(kept)
     assert kept[0] == 0 and kept[-1] == 999
     uniform = [round(i * 999 / 249) for i in range(250)]

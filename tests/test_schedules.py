@@ -1,4 +1,4 @@
-"""SPEC.md sections 1-2: noise schedules, levels and r(t)."""
+"""docs/math.md sections 1-2: noise schedules, levels and r(t)."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""ADM blocks and the Flexi-UNet (SPEC.md section 8).
+"""ADM blocks and the Flexi-UNet (docs/architecture.md).
 
 - ``layers``      ADM / guided-diffusion blocks as Keras layers (NHWC)
 - ``flexi_unet``  ``FlexiUNet``: shared layers, one Functional sub-model per path
