@@ -38,7 +38,7 @@ class StepCoefficients:
 
     @property
     def shrink(self) -> float:
-        """``rho c^2``: ``Sigma = sigma_s^2 (I - rho c^2 D^T D)``."""
+        """``rho c^2``: ``Sigma = sigma_s^2 (I - rho c^2 D^T D)`` (docs/math.md eq. 11)."""
         return self.rho * self.c**2
 
 
@@ -131,7 +131,7 @@ class ScaleSpaceProcess:
         return seen
 
     def operator(self, r_from: int, r_to: int) -> SeparableOperator:
-        """``D_{r_from -> r_to}``: the chain of 2x downsamples (cached)."""
+        """``D_{r_from -> r_to}``: the chain of 2x downsamples (cached; docs/math.md section 3)."""
         key = (int(r_from), int(r_to))
         if key not in self._operators:
             self._operators[key] = downsample_operator(*key, builder=self.degradation)
@@ -198,7 +198,8 @@ class ScaleSpaceProcess:
         return self.operator(self.image_size, r_to).apply(_as_float(x0))
 
     def q_sample(self, x0, t, noise):
-        """``x_t = a_t D_{1:t} x0 + sigma_t noise``; ``noise`` has the resolution ``r(t)``."""
+        """``x_t = a_t D_{1:t} x0 + sigma_t noise`` (docs/math.md eq. 8); ``noise`` has the
+        resolution ``r(t)``."""
         from keras import ops
 
         t, res = self._same_resolution(t)
@@ -208,14 +209,15 @@ class ScaleSpaceProcess:
         return a * x + sigma * ops.cast(noise, x.dtype)
 
     def x0_target(self, x0, t):
-        """The regression target at ``t``: ``D_{1:s} x0`` with ``s = max(t-1, 0)``."""
+        """The regression target at ``t``: ``D_{1:s} x0`` with ``s = max(t-1, 0)`` (docs/math.md eq. 9)."""
         t, _ = self._same_resolution(t)
         s = np.maximum(t - 1, 0)
         _, res_s = self._same_resolution(s)
         return self.degrade(x0, res_s)
 
     def loss_weight(self, t, gamma: float | None = 5.0) -> np.ndarray:
-        """Min-SNR-gamma weight ``min(SNR(t), gamma)``; ``gamma`` None or <= 0 gives ones."""
+        """Min-SNR-gamma weight ``min(SNR(t), gamma)`` (docs/math.md eq. 9); ``gamma`` None
+        or <= 0 gives ones."""
         t = np.asarray(t)
         if gamma is None or gamma <= 0:
             return np.ones(t.shape, dtype=np.float64)
@@ -246,7 +248,7 @@ class ScaleSpaceProcess:
 
     # ------------------------------------------------------------------ reverse
     def posterior_mean(self, x0_hat, x_t, t: int, s: int | None = None):
-        """``mu = a_s x0_hat + rho c D^T (x_t - c a_s D x0_hat)`` (Theorem 2 / docs/math.md section 5)."""
+        """``mu = a_s x0_hat + rho c D^T (x_t - c a_s D x0_hat)`` (Theorem 2; docs/math.md eq. 10)."""
         k = self.step_coefficients(t, s)
         x0_hat = _as_float(x0_hat)
         mu_s = k.a_s * x0_hat
@@ -267,7 +269,7 @@ class ScaleSpaceProcess:
     ):
         """Noise ``z`` with covariance ``sigma_s^2 (I - rho c^2 D^T D)``, from ``xi ~ N(0, I)``.
 
-        ``method="exact"`` uses the per-axis eigenbases (docs/math.md section 6); ``"lanczos"`` runs
+        ``method="exact"`` uses the per-axis eigenbases (docs/math.md eq. 13); ``"lanczos"`` runs
         ``iterations`` Lanczos steps of ``sqrt(A) xi`` batched over samples and channels.
         ``variance="fixed_large"`` (the DDPM-eps baseline, plain steps only) uses
         ``1 - alphabar_t/alphabar_s`` instead (the posterior variance when ``s = 0``).
@@ -293,11 +295,12 @@ class ScaleSpaceProcess:
         )
 
     def _apply_a(self, v, k: StepCoefficients):
-        """``A v = v - rho c^2 D^T D v`` at resolution ``r(s)``."""
+        """``A v = v - rho c^2 D^T D v`` at resolution ``r(s)`` (docs/math.md eq. 12)."""
         op = self.operator(self.r[k.s], self.r[k.t])
         return v - k.shrink * op.adjoint(op.apply(v))
 
     def _sqrt_exact(self, xi, k: StepCoefficients):
+        """``Q_h [sqrt(1 - rho c^2 lam_i mu_j) (Q_h^T xi Q_w)] Q_w^T`` (docs/math.md eq. 13)."""
         from keras import ops
 
         from .operators import separable_apply
