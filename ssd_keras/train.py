@@ -374,18 +374,23 @@ class Trainer:
         value = float(ops.convert_to_numpy(loss))
         if not math.isfinite(value):
             where = f"step {self.step + 1}, t = {t.min()}..{t.max()}, level {key[0]}px, path {key[0]}->{key[1]}"
-            if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"loss is {value} at {where}; stopped without applying it (the last good "
-                    f"checkpoint is kept; set train.on_nonfinite = \"skip\" to skip such steps)"
-                )
-            self.skipped += 1
-            self.step += 1
+            self._stop_or_skip(f"loss is {value} at {where}")
             return value, key, t
         backend.apply_gradients(self.optimizer, grads, path.trainable_variables)
         self.step += 1
         self._update_ema()
         return value, key, t
+
+    def _stop_or_skip(self, what: str) -> None:
+        """A non-finite loss: raise (``train.on_nonfinite = "stop"``) or count the step as
+        skipped, its update not applied."""
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"{what}; stopped without applying it (the last good checkpoint is kept; "
+                f"set train.on_nonfinite = \"skip\" to skip such steps)"
+            )
+        self.skipped += 1
+        self.step += 1
 
     def _draw(self, batch: int):
         """``(t, path key, noise)`` of one step: the path follows ``t[0]`` (one per batch)."""
@@ -425,13 +430,7 @@ class Trainer:
             where = (f"step {self.step + 1}, on {int(bad)} of {n} processes (this one: rank "
                      f"{self.dist.rank}, loss {value}, t = {t.min()}..{t.max()}, path "
                      f"{key[0]}->{key[1]})")
-            if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss at {where}; stopped without applying it (the last good "
-                    f"checkpoint is kept; set train.on_nonfinite = \"skip\" to skip such steps)"
-                )
-            self.skipped += 1
-            self.step += 1
+            self._stop_or_skip(f"non-finite loss at {where}")
             return float("nan"), key, t
         backend.apply_gradients(self.optimizer, averaged, union)
         self.step += 1
