@@ -33,7 +33,7 @@ def _signal_hooks(specs) -> None:
     """Patch the named points (see above) to send the given signals; child only."""
     import numpy as np
 
-    from ssd_keras.data.pipeline import ImageBatches
+    from ssd_keras.data.batches import ImageBatches
     from ssd_keras.train import Trainer
 
     pending = []

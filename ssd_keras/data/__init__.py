@@ -14,7 +14,7 @@ seeded horizontal flips, and ``x / 127.5 - 1``. Pure numpy + PIL: no Keras, torc
 TensorFlow import, so it works under every Keras backend.
 """
 
-from .pipeline import (
+from .batches import (
     ON_BAD_IMAGE,
     SMALL_IMAGES,
     SOURCES,
