@@ -6,6 +6,7 @@ work, and turn every error a user can cause into one clear line and a non-zero e
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import json
 import sys
 import time
@@ -204,12 +205,8 @@ def _write_samples(model, process, objective, cfg, out: Path, progress: bool = T
 
     s = cfg.sampler
     start = time.perf_counter()
-    result = sample_images(
-        model, process, objective, num_images=s.num_images, steps=s.steps, noise=s.noise,
-        lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance, seed=s.seed,
-        method=s.method, eta=s.eta,
-        batch_size=s.batch_size, record_progression=True, progress=progress,
-    )
+    result = sample_images(model, process, objective, **asdict(s), record_progression=True,
+                           progress=progress)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     save_grid(result.images, out / "grid.png")

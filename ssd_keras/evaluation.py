@@ -20,6 +20,7 @@ Three stages, each restartable:
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import hashlib
 import json
 import os
@@ -116,12 +117,8 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
             start, stop = c * chunk, min((c + 1) * chunk, num_samples)
             want = -(-(stop - start) // s.batch_size) * s.batch_size  # whole batches
             t0 = time.perf_counter()
-            result = sample_images(
-                model, process, objective, num_images=want, steps=s.steps, noise=s.noise,
-                lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance,
-                method=s.method, eta=s.eta,
-                seed=chunk_seed(s.seed, c), batch_size=s.batch_size, progress=progress,
-            )
+            settings = dict(asdict(s), num_images=want, seed=chunk_seed(s.seed, c))
+            result = sample_images(model, process, objective, **settings, progress=progress)
             for i, img in zip(range(start, stop), to_uint8(result.images)):
                 _save_png(img, name(i))
             seconds += time.perf_counter() - t0

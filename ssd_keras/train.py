@@ -7,6 +7,7 @@ Flexi-UNet path; ``fit`` loops with progress, logging, checkpoints and sample gr
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import csv
 import io
 import math
@@ -609,12 +610,9 @@ class Trainer:
         from .sample import sample_images
 
         s = self.cfg.sampler
-        result = sample_images(
-            self.ema_model(), self.process, self.objective,
-            num_images=num_images or s.num_images, steps=s.steps, noise=s.noise,
-            lanczos_iterations=s.lanczos_iterations, clip=s.clip, variance=s.variance,
-            seed=s.seed, batch_size=s.batch_size, channels=CHANNELS, progress=False,
-        )
+        settings = dict(asdict(s), num_images=num_images or s.num_images)
+        result = sample_images(self.ema_model(), self.process, self.objective, **settings,
+                               channels=CHANNELS, progress=False)
         return save_grid(result.images, path)
 
     # ------------------------------------------------------------------ signals
