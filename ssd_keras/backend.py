@@ -63,6 +63,52 @@ def group_norm(x, groups, gamma, beta, epsilon=1e-5):
     return _group_norm_generic(x, groups, gamma, beta, epsilon)
 
 
+def conv2d(x, kernel, bias, strides=1, padding=0):
+    """2-D convolution of channels-last ``x`` (N, H, W, C_in) with a Keras kernel
+    (kh, kw, C_in, C_out), ``padding`` zeros on every side (torch's ``padding=``), plus
+    ``bias``; returns (N, H', W', C_out).
+
+    On torch the NHWC tensor *is* a channels-last NCHW tensor: ``permute`` views it so
+    without a copy, and oneDNN convolves channels-last natively (faster on CPU than NCHW:
+    docs/design.md "Speed") with the bias fused and returns a channels-last result, which
+    ``permute`` views back as contiguous NHWC. Keras's own torch convolution copied to
+    contiguous NCHW and back around every call and added the bias separately.
+    """
+    if BACKEND == "torch" and isinstance(x, torch.Tensor):
+        w = torch.permute(_torch_value(kernel), (3, 2, 0, 1))  # OIHW view of HWIO
+        y = _torch_F.conv2d(torch.permute(x, (0, 3, 1, 2)), w, _torch_value(bias),
+                            strides, padding)
+        return torch.permute(y, (0, 2, 3, 1))
+    if padding and strides == 1 and 2 * padding + 1 == kernel.shape[0]:
+        y = ops.conv(x, kernel, strides=1, padding="same")
+    else:
+        if padding:
+            x = ops.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        y = ops.conv(x, kernel, strides=strides, padding="valid")
+    return y + bias
+
+
+def dense(x, kernel, bias):
+    """``x @ kernel + bias`` over the last axis (one fused ``addmm``/``linear`` on torch)."""
+    if BACKEND == "torch" and isinstance(x, torch.Tensor):
+        return _torch_F.linear(x, _torch_value(kernel).T, _torch_value(bias))
+    return ops.matmul(x, kernel) + bias
+
+
+def upsample_nearest_2x(x):
+    """Nearest-neighbour 2x upsampling of channels-last ``x`` (one pass on torch)."""
+    if BACKEND == "torch" and isinstance(x, torch.Tensor):
+        y = _torch_F.interpolate(torch.permute(x, (0, 3, 1, 2)), scale_factor=2.0, mode="nearest")
+        return torch.permute(y, (0, 2, 3, 1))
+    return ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _torch_value(v):
+    """The torch tensor behind a Keras variable (read through ``.value``, so autocast
+    applies under mixed precision), or ``v`` itself."""
+    return v.value if hasattr(v, "value") and not isinstance(v, torch.Tensor) else v
+
+
 def _group_norm_generic(x, groups, gamma, beta, epsilon=1e-5):
     shape = ops.shape(x)
     channels = shape[-1]

@@ -27,7 +27,7 @@ import random
 import keras
 from keras import ops
 
-from ssd_keras.backend import group_norm
+from ssd_keras.backend import conv2d, dense, group_norm, upsample_nearest_2x
 
 
 def torch_default_init():
@@ -37,29 +37,78 @@ def torch_default_init():
     )
 
 
-def _conv(filters, kernel_size, name, dtype, zero=False, strides=1, padding="same"):
-    init = "zeros" if zero else torch_default_init()
-    return keras.layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        padding=padding,
-        kernel_initializer=init,
-        bias_initializer="zeros",
-        name=name,
-        dtype=dtype,
-    )
+def _conv(filters, kernel_size, name, dtype, zero=False, strides=1):
+    return Conv(filters, kernel_size, strides=strides, zero_init=zero, name=name, dtype=dtype)
 
 
 def _dense(units, name, dtype, zero=False):
-    init = "zeros" if zero else torch_default_init()
-    return keras.layers.Dense(
-        units,
-        kernel_initializer=init,
-        bias_initializer="zeros",
-        name=name,
-        dtype=dtype,
-    )
+    return Linear(units, zero_init=zero, name=name, dtype=dtype)
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class Conv(keras.layers.Layer):
+    """2-D convolution of a channels-last tensor with torch's padding (``kernel_size // 2``
+    on every side; ADM's ``conv_nd(..., padding=1)`` and its stride-2 ``Downsample``).
+
+    Holds ``kernel`` (kh, kw, in, out) and ``bias`` (out,), the variables of
+    ``keras.layers.Conv2D`` under the same names, and computes through
+    ``ssd_keras.backend.conv2d`` (on torch: one oneDNN channels-last convolution, bias
+    included, no layout copies; docs/design.md "Speed").
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, zero_init=False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.strides = int(strides)
+        self.zero_init = bool(zero_init)
+
+    def build(self, input_shape):
+        k, init = self.kernel_size, "zeros" if self.zero_init else torch_default_init()
+        self.kernel = self.add_weight(shape=(k, k, int(input_shape[-1]), self.filters),
+                                      initializer=init, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        return conv2d(x, self.kernel, self.bias, self.strides, self.kernel_size // 2)
+
+    def compute_output_shape(self, input_shape):
+        def out(n):
+            if n is None:
+                return None
+            p = self.kernel_size // 2
+            return (n + 2 * p - self.kernel_size) // self.strides + 1
+
+        return (input_shape[0], out(input_shape[1]), out(input_shape[2]), self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "zero_init": self.zero_init}
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
+class Linear(keras.layers.Layer):
+    """``x @ kernel + bias`` over the last axis (``keras.layers.Dense``'s variables)."""
+
+    def __init__(self, units, zero_init=False, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.zero_init = bool(zero_init)
+
+    def build(self, input_shape):
+        init = "zeros" if self.zero_init else torch_default_init()
+        self.kernel = self.add_weight(shape=(int(input_shape[-1]), self.units),
+                                      initializer=init, name="kernel")
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        return dense(x, self.kernel, self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "zero_init": self.zero_init}
 
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
@@ -143,7 +192,7 @@ class TimestepEmbedding(keras.layers.Layer):
 
     def call(self, t):
         emb = ops.cast(self.sinusoids(t), self.compute_dtype)
-        return self.linear_2(ops.silu(self.linear_0(emb)))
+        return self.linear_2.call(ops.silu(self.linear_0.call(emb)))
 
     def get_config(self):
         return {
@@ -202,15 +251,21 @@ class ResBlock(keras.layers.Layer):
             self.skip_connection.build(x_shape)
 
     def call(self, x, emb, training=None):
-        h = self.in_conv(ops.silu(self.in_norm(x)))
-        emb_out = self.emb_linear(ops.silu(emb))[:, None, None, :]
+        # The sub-layers hold the weights (and name them as ADM does); their computation
+        # is called directly, not through Layer.__call__, whose per-call bookkeeping cost
+        # more than the arithmetic of a small block (docs/design.md "Speed").
+        h = self.in_conv.call(ops.silu(self.in_norm.call(x)))
+        emb_out = self.emb_linear.call(ops.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = ops.split(emb_out, 2, axis=-1)
-            h = self.out_norm(h) * (1.0 + scale) + shift
+            h = self.out_norm.call(h) * (1.0 + scale) + shift
         else:
-            h = self.out_norm(h + emb_out)
-        h = self.out_conv(self.out_dropout(ops.silu(h), training=training))
-        skip = x if self.skip_connection is None else self.skip_connection(x)
+            h = self.out_norm.call(h + emb_out)
+        h = ops.silu(h)
+        if self.dropout > 0:
+            h = self.out_dropout.call(h, training=bool(training))
+        h = self.out_conv.call(h)
+        skip = x if self.skip_connection is None else self.skip_connection.call(x)
         return skip + h
 
     def compute_output_shape(self, x_shape, emb_shape):
@@ -274,11 +329,11 @@ class AttentionBlock(keras.layers.Layer):
         shape = ops.shape(x)
         b, c = shape[0], self.channels
         heads, ch = self.heads, self.channels // self.heads
-        h = ops.reshape(self.norm(x), (b, -1, c))
-        qkv = ops.reshape(self.qkv(h), (b, -1, heads, 3, ch))
+        h = ops.reshape(self.norm.call(x), (b, -1, c))
+        qkv = ops.reshape(self.qkv.call(h), (b, -1, heads, 3, ch))
         q, k, v = qkv[:, :, :, 0, :], qkv[:, :, :, 1, :], qkv[:, :, :, 2, :]
         a = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch))
-        h = self.proj_out(ops.reshape(a, (b, -1, c)))
+        h = self.proj_out.call(ops.reshape(a, (b, -1, c)))
         return x + ops.reshape(h, shape)
 
     def compute_output_shape(self, x_shape):
@@ -296,20 +351,20 @@ class AttentionBlock(keras.layers.Layer):
 class Downsample(keras.layers.Layer):
     """ADM Downsample with ``conv_resample``: 3x3 conv, stride 2, padding 1 (``op``).
 
-    The padding is explicit and symmetric like torch's ``padding=1`` (Keras's "same"
-    with stride 2 would pad only bottom/right and shift the sampling grid).
+    The padding is symmetric like torch's ``padding=1`` (Keras's "same" with stride 2
+    would pad only bottom/right and shift the sampling grid); ``Conv`` pads so.
     """
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
         self.channels = int(channels)
-        self.op = _conv(self.channels, 3, "op", self.dtype_policy, strides=2, padding="valid")
+        self.op = _conv(self.channels, 3, "op", self.dtype_policy, strides=2)
 
     def build(self, x_shape):
         self.op.build(x_shape)
 
     def call(self, x):
-        return self.op(ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+        return self.op.call(x)
 
     def compute_output_shape(self, x_shape):
         def half(n):
@@ -334,8 +389,7 @@ class Upsample(keras.layers.Layer):
         self.conv.build(x_shape)
 
     def call(self, x):
-        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return self.conv.call(upsample_nearest_2x(x))
 
     def compute_output_shape(self, x_shape):
         def double(n):
@@ -365,7 +419,7 @@ class OutputHead(keras.layers.Layer):
         self.conv.build(x_shape)
 
     def call(self, x):
-        return ops.cast(self.conv(ops.silu(self.norm(x))), "float32")
+        return ops.cast(self.conv.call(ops.silu(self.norm.call(x))), "float32")
 
     def get_config(self):
         return {**super().get_config(), "out_channels": self.out_channels}
