@@ -128,7 +128,7 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
     grid_path = folder / "grid.png"
     if not grid_path.is_file() or todo:
         first = metrics.load_image_folder(images, image_size=cfg.process.image_size, limit=64)
-        save_grid(to_uint8(first), grid_path)
+        save_grid(first, grid_path)  # [-1, 1], as save_grid takes them
     return {"sampling_seconds": round(seconds, 3), "sampled_now": sampled}
 
 
