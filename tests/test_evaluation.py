@@ -155,16 +155,16 @@ def test_a_killed_evaluation_resumes_to_the_same_result(setup, capsys):
                "--no-progress", *weights], None
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from ssd_keras import evaluation
+        from ssd_keras import images
         from ssd_keras.cli import main
-        save, count = evaluation._save_png, [0]
+        save, count = images.save_image, [0]
         def dying_save(array, path):
             count[0] += 1
             if count[0] == 6:
                 path.with_name("." + path.name + ".tmp").write_bytes(b"half a png")
                 os.kill(os.getpid(), signal.SIGKILL)
-            save(array, path)
-        evaluation._save_png = dying_save
+            return save(array, path)
+        images.save_image = dying_save
         sys.exit(main({argv!r}))
     """)
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
