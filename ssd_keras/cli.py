@@ -6,10 +6,8 @@ work, and turn every error a user can cause into one clear line and a non-zero e
 
 from __future__ import annotations
 
-from dataclasses import asdict
 import json
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -77,9 +75,8 @@ def train(
             + (f"; {summary['skipped']} non-finite steps skipped" if summary["skipped"] else "")
         )
         if summary["step"] >= cfg.train.steps and trainer.is_main:
-            out = trainer.run_dir / "samples" / "final"
-            _write_samples(trainer.ema_model(), trainer.process, trainer.objective, cfg, out,
-                           progress=progress)
+            _write_samples(trainer.ema_model(), trainer.process, trainer.objective, cfg,
+                           trainer.run_dir / "samples" / "final", progress)
     finally:
         trainer.close()
 
@@ -104,25 +101,19 @@ def sample(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Sample from a trained run: grid.png, images/, progression.png."""
-    from .config import from_dict
-    from .runs import load_run
+    from .runs import find_run, load_run, sampling_parts, settings_name
 
-    run_dir = _find_run(run, runs_dir)
+    run_dir = find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir, checkpoint)
-    overrides = {k: v for k, v in dict(
+    cfg = _with_options(cfg, path, sampler=dict(
         steps=steps, noise=noise, lanczos_iterations=lanczos_iterations, num_images=num_images,
-        batch_size=batch_size, seed=seed, clip=clip, method=method, eta=eta).items() if v is not None}
-    if overrides:
-        d = cfg.to_dict()
-        d["sampler"].update(overrides)
-        cfg = from_dict(d, source=f"{path} (with command-line options)")
-    model, process, objective = _sampling_parts(cfg, groups, meta, path, ema)
+        batch_size=batch_size, seed=seed, clip=clip, method=method, eta=eta))
+    model, process, objective = sampling_parts(cfg, groups, meta, path, ema)
     s = cfg.sampler
-    out = out or run_dir / "samples" / f"step{meta['step']}_K{s.steps}_{_method_tag(s)}_seed{s.seed}{'' if ema else '_raw'}"
+    out = out or run_dir / "samples" / (settings_name(meta["step"], s) + ("" if ema else "_raw"))
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
          f"{len(process.respace(s.steps))} network calls per image")
-    _write_samples(model, process, objective, cfg, out, progress=progress)
-
+    _write_samples(model, process, objective, cfg, out, progress)
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -157,27 +148,23 @@ def evaluate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Sample quality: FID, KID, precision/recall (with the Inception weights) and weights-free measures."""
-    from .config import from_dict
     from .evaluation import EvaluationError, evaluate as run_evaluation, format_report
     from .inception import InceptionError
-    from .runs import load_run
+    from .runs import find_run, load_run, sampling_parts, settings_name
 
-    run_dir = _find_run(run, runs_dir)
+    run_dir = find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir)
-    d = cfg.to_dict()
-    d["sampler"].update({k: v for k, v in dict(steps=steps, noise=noise, batch_size=batch_size,
-                                               seed=seed, method=method, eta=eta).items() if v is not None})
-    d["eval"].update({k: v for k, v in dict(
-        num_samples=None if samples_dir else num_samples, chunk_size=chunk_size,
-        inception_weights=inception_weights and str(inception_weights),
-        reference=reference and str(reference), cache_dir=cache_dir and str(cache_dir)).items() if v is not None})
-    cfg = from_dict(d, source=f"{path} (with command-line options)")
+    cfg = _with_options(
+        cfg, path, sampler=dict(steps=steps, noise=noise, batch_size=batch_size, seed=seed, method=method, eta=eta),
+        eval=dict(num_samples=None if samples_dir else num_samples, chunk_size=chunk_size,
+                  inception_weights=inception_weights and str(inception_weights),
+                  reference=reference and str(reference), cache_dir=cache_dir and str(cache_dir)))
     e, s = cfg.eval, cfg.sampler
-    out = out or samples_dir or run_dir / "eval" / f"step{meta['step']}_K{s.steps}_{_method_tag(s)}_seed{s.seed}"
+    out = out or samples_dir or run_dir / "eval" / settings_name(meta["step"], s)
     identity = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"], "ema": True}
     try:
         result = run_evaluation(
-            cfg, out=out, parts=lambda: _sampling_parts(cfg, groups, meta, path, ema=True), identity=identity,
+            cfg, out=out, parts=lambda: sampling_parts(cfg, groups, meta, path, ema=True), identity=identity,
             samples_dir=samples_dir, samples_limit=num_samples,
             weights=Path(e.inception_weights) if e.inception_weights else None,
             reference=Path(e.reference) if e.reference else None,
@@ -188,51 +175,26 @@ def evaluate(
     _say(f"wrote {out / 'metrics.json'}")
 
 
-def _sampling_parts(cfg, groups: dict, meta: dict, path, ema: bool = True):
-    """``(model, process, objective)`` of a checkpoint, with its EMA (or raw) weights."""
-    from .builders import build_process
-    from .objectives import make_objective
-    from .runs import model_with_weights
+def _with_options(cfg, path, **sections: dict):
+    """``cfg`` with the command line's values for ``section.key`` (None: not given), validated
+    as a whole; errors name the checkpoint ``path`` "(with command-line options)"."""
+    from .config import from_dict
 
-    model = model_with_weights(cfg, groups, meta, ema, where=f"checkpoint {path}")
-    process = build_process(cfg)
-    return model, process, make_objective(process, cfg.loss.target, cfg.loss.min_snr_gamma)
-
-
-def _write_samples(model, process, objective, cfg, out: Path, progress: bool = True) -> None:
-    from .images import save_grid, save_image, save_progression, to_uint8
-    from .sample import sample_images
-
-    s = cfg.sampler
-    start = time.perf_counter()
-    result = sample_images(model, process, objective, **asdict(s), record_progression=True,
-                           progress=progress)
-    seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    save_grid(result.images, out / "grid.png")
-    for i, img in enumerate(to_uint8(result.images)):
-        save_image(img, out / "images" / f"{i:05d}.png")
-    save_progression(result.frames, out / "progression.png", process.image_size)
-    _say(f"wrote {len(result.images)} samples in {seconds:.1f} s "
-         f"({seconds / len(result.images):.2f} s/image): {out / 'grid.png'}, {out / 'progression.png'}")
+    given = {name: {k: v for k, v in keys.items() if v is not None} for name, keys in sections.items()}
+    if not any(given.values()):
+        return cfg
+    d = cfg.to_dict()
+    for name, keys in given.items():
+        d[name].update(keys)
+    return from_dict(d, source=f"{path} (with command-line options)")
 
 
-def _method_tag(s) -> str:
-    """Sampler part of an output folder name: the noise method, or ddim and its eta."""
-    return s.noise if s.method == "ancestral" else f"ddim{s.eta:g}"
+def _write_samples(model, process, objective, cfg, out: Path, progress: bool) -> None:
+    from .runs import write_samples
 
-
-def _find_run(run: Optional[str], runs_dir: Path) -> Path:
-    if run:
-        for candidate in (Path(run), runs_dir / run):
-            if (candidate / "checkpoints").is_dir():
-                return candidate
-        raise UserError(f"no run {run!r}: neither {run} nor {runs_dir / run} holds a checkpoints/ folder")
-    runs = [p.parent.parent for p in runs_dir.glob("*/checkpoints/ckpt_*.npz")]
-    if not runs:
-        raise UserError(f"no runs with checkpoints under {runs_dir}/; train one first: ssd-run PIPELINE.toml")
-    newest = max(runs, key=lambda r: max(p.stat().st_mtime for p in (r / "checkpoints").glob("ckpt_*.npz")))
-    return newest
+    w = write_samples(model, process, objective, cfg, out, progress=progress)
+    _say(f"wrote {w['images']} samples in {w['seconds']:.1f} s ({w['seconds'] / w['images']:.2f} s/image): "
+         f"{w['grid']}, {w['progression']}")
 
 
 # ---------------------------------------------------------------------------- import
@@ -262,16 +224,13 @@ def import_(
 @app.command()
 def runs(runs_dir: Path = typer.Option(Path("runs"), help="Where runs live.")):
     """List runs with their newest checkpoint."""
-    from .checkpoint import list_checkpoints
+    from .runs import list_runs
 
-    found = sorted(p for p in runs_dir.glob("*") if (p / "config.toml").is_file())
+    found = list_runs(runs_dir)
     if not found:
         _say(f"no runs under {runs_dir}/")
-        return
-    for r in found:
-        ckpts = list_checkpoints(r / "checkpoints")
-        last = f"step {ckpts[-1][0]}" if ckpts else "no checkpoint"
-        _say(f"{r.name:30s} {last}")
+    for run_dir, step in found:
+        _say(f"{run_dir.name:30s} {'no checkpoint' if step is None else f'step {step}'}")
 
 
 # ---------------------------------------------------------------------------- inspect

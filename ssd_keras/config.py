@@ -20,6 +20,14 @@ Every problem raises :class:`ConfigError` (a ``ValueError``) whose message names
 file, the key as ``section.key`` and the offending value, e.g.
 ``pipelines/x.toml: process.levels = 7: must be <= len(model.channel_mult) = 4 ...``.
 
+How it is checked. The sections are pydantic dataclasses: each field's annotation says
+what a valid value is (strict types: no bool for an int, no string for a number; an int
+is taken for a float; lists become tuples), pydantic checks every field of a section at
+once, and :func:`_explain` turns its errors into this module's one-line messages. The
+checks that involve several keys (levels against the UNet's depth, attention
+resolutions, ...) are in :func:`_validate`, run by :class:`PipelineConfig` itself, so
+every construction path is validated.
+
 Resolved defaults that depend on other keys: ``run.name`` defaults to the file's stem,
 ``sampler.steps`` to ``process.timesteps`` (1000 by default) when not given.
 """
@@ -28,12 +36,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import math
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import pydantic
+import pydantic.dataclasses
+import tomli_w
+from pydantic import AllowInfNan, Field, Strict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,74 +87,65 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
-# Field declarations. Each field's metadata says what a valid value is; the checks run
-# in PipelineConfig.__post_init__ so that every construction path is validated.
+# Sections. Each field's annotation and Field(...) constraints say what a valid value is.
 # --------------------------------------------------------------------------------------
 
-
-def _opt(default, *, choices=None, gt=None, ge=None, lt=None, le=None, nonempty=False,
-         item_gt=None, doc=""):
-    meta = {"choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le,
-            "nonempty": nonempty, "item_gt": item_gt, "doc": doc}
-    if isinstance(default, (list, tuple)):
-        value = tuple(default)
-        return field(default_factory=lambda: value, metadata=meta)
-    return field(default=default, metadata=meta)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]  # strict: an int is taken, not "1e-4"
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Ints = tuple[Int, ...]  # a TOML list of integers, stored as a tuple
+PositiveInts = tuple[Annotated[int, Strict(), Field(gt=0)], ...]
 
 
-def _req(**kw):
-    """A required field (no default)."""
-    f = _opt(None, **kw)
-    return field(metadata=f.metadata)
+def _section(cls):
+    """A frozen pydantic dataclass whose direct construction raises :class:`ConfigError`."""
+    cls = pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid"))(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except pydantic.ValidationError as e:
+            values = {**dict(zip(_field_names(cls), args)), **kwargs}
+            raise _error("<config>", _explain(_section_name(cls), e, values)) from None
+
+    cls.__init__ = __init__
+    return cls
 
 
-class _Section:
-    """Shared behaviour of the section dataclasses: light normalization only.
-
-    Lists become tuples (hashable, frozen) and ints become floats in float fields.
-    Type and range errors are reported by :class:`PipelineConfig` validation.
-    """
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type == "tuple[int, ...]" and isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
-            elif f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
-                object.__setattr__(self, f.name, float(v))
+@_section
+class RunConfig:
+    name: Str = Field("run", min_length=1, description="run directory runs/<name>/ (default: file stem)")
+    output_dir: Str = Field("runs", min_length=1)
+    seed: Int = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class RunConfig(_Section):
-    name: str = _opt("run", nonempty=True, doc="run directory runs/<name>/ (default: file stem)")
-    output_dir: str = _opt("runs", nonempty=True)
-    seed: int = _opt(0, ge=0)
+@_section
+class DataConfig:
+    source: Literal["digits", "folder", "tfds"] = "digits"
+    path: Str = Field("", description="folder root (source='folder'); relative to the current dir")
+    split_file: Str = Field("", description="optional file listing the images to use (folder)")
+    tfds_name: Str = ""
+    tfds_split: Str = Field("train", min_length=1)
+    tfds_data_dir: Str = ""
+    image_key: Str = Field("image", min_length=1)
+    random_flip: Bool = True
+    cache: Bool = False
+    on_bad_image: Literal["skip", "error"] = "skip"
+    small_images: Literal["upscale", "skip", "error"] = "upscale"
+    num_workers: Int = Field(2, ge=0)
+    limit: Int = Field(0, ge=0, description="0 = all images")
 
 
-@dataclass(frozen=True)
-class DataConfig(_Section):
-    source: str = _opt("digits", choices=("digits", "folder", "tfds"))
-    path: str = _opt("", doc="folder root (source='folder'); relative to the current dir")
-    split_file: str = _opt("", doc="optional file listing the images to use (folder)")
-    tfds_name: str = _opt("")
-    tfds_split: str = _opt("train", nonempty=True)
-    tfds_data_dir: str = _opt("")
-    image_key: str = _opt("image", nonempty=True)
-    random_flip: bool = _opt(True)
-    cache: bool = _opt(False)
-    on_bad_image: str = _opt("skip", choices=("skip", "error"))
-    small_images: str = _opt("upscale", choices=("upscale", "skip", "error"))
-    num_workers: int = _opt(2, ge=0)
-    limit: int = _opt(0, ge=0, doc="0 = all images")
-
-
-@dataclass(frozen=True)
-class ProcessConfig(_Section):
-    image_size: int = _req(gt=0)
-    levels: int = _req(ge=1, doc="1 = DDPM")
-    timesteps: int = _opt(1000, ge=2)
-    noise_schedule: str = _opt("linear", choices=("linear", "cosine"))
-    resolution_schedule: str = _opt("ConvexDecay-0.5", nonempty=True)
+@_section
+class ProcessConfig:
+    image_size: Annotated[Int, Field(gt=0)]
+    levels: Annotated[Int, Field(ge=1, description="1 = DDPM")]
+    timesteps: Int = Field(1000, ge=2)
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    resolution_schedule: Str = Field("ConvexDecay-0.5", min_length=1)
 
     @property
     def resolutions(self) -> list[int]:
@@ -151,82 +157,83 @@ class ProcessConfig(_Section):
         return self.image_size // 2 ** (self.levels - 1)
 
 
-@dataclass(frozen=True)
-class ModelConfig(_Section):
-    base_channels: int = _opt(128, gt=0)
-    channel_mult: tuple[int, ...] = _opt((1, 2, 3, 4), nonempty=True, item_gt=0)
-    num_res_blocks: int = _opt(2, ge=1)
-    attention_resolutions: tuple[int, ...] = _opt((16, 8), item_gt=0)
-    num_heads: int = _opt(4, ge=1)
-    num_head_channels: int = _opt(-1, doc="-1 = use num_heads; else channels per head")
-    dropout: float = _opt(0.1, ge=0.0, lt=1.0)
-    full_res_change_via_upsample: bool = _opt(True)
+@_section
+class ModelConfig:
+    base_channels: Int = Field(128, gt=0)
+    channel_mult: PositiveInts = Field((1, 2, 3, 4), min_length=1)
+    num_res_blocks: Int = Field(2, ge=1)
+    attention_resolutions: PositiveInts = (16, 8)
+    num_heads: Int = Field(4, ge=1)
+    num_head_channels: Int = Field(-1, description="-1 = use num_heads; else channels per head")
+    dropout: Float = Field(0.1, ge=0.0, lt=1.0)
+    full_res_change_via_upsample: Bool = True
 
 
-@dataclass(frozen=True)
-class LossConfig(_Section):
-    target: str = _opt("x0", choices=("x0", "eps"))
-    min_snr_gamma: float = _opt(5.0, ge=0.0, doc="weight min(SNR, gamma); 0 = plain L_simple")
+@_section
+class LossConfig:
+    target: Literal["x0", "eps"] = "x0"
+    min_snr_gamma: Float = Field(5.0, ge=0.0, description="weight min(SNR, gamma); 0 = plain L_simple")
 
 
-@dataclass(frozen=True)
-class OptimizerConfig(_Section):
-    lr: float = _opt(1e-4, gt=0.0)
-    weight_decay: float = _opt(0.0, ge=0.0)
-    beta1: float = _opt(0.9, ge=0.0, lt=1.0)
-    beta2: float = _opt(0.999, ge=0.0, lt=1.0)
-    epsilon: float = _opt(1e-8, gt=0.0)
-    grad_clip: float = _opt(1.0, ge=0.0, doc="global-norm clipping; 0 = off")
+@_section
+class OptimizerConfig:
+    lr: Float = Field(1e-4, gt=0.0)
+    weight_decay: Float = Field(0.0, ge=0.0)
+    beta1: Float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: Float = Field(0.999, ge=0.0, lt=1.0)
+    epsilon: Float = Field(1e-8, gt=0.0)
+    grad_clip: Float = Field(1.0, ge=0.0, description="global-norm clipping; 0 = off")
 
 
-@dataclass(frozen=True)
-class EMAConfig(_Section):
-    rate: float = _opt(0.9999, ge=0.0, lt=1.0)
-    start_step: int = _opt(0, ge=0)
+@_section
+class EMAConfig:
+    rate: Float = Field(0.9999, ge=0.0, lt=1.0)
+    start_step: Int = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class TrainConfig(_Section):
-    batch_size: int = _opt(128, gt=0)
-    steps: int = _opt(500000, gt=0)
-    precision: str = _opt("float32", choices=("float32", "mixed_bfloat16", "mixed_float16"))
-    log_every: int = _opt(50, gt=0)
-    checkpoint_every: int = _opt(5000, gt=0)
-    sample_every: int = _opt(10000, ge=0, doc="0 = never")
-    keep_checkpoints: int = _opt(3, ge=1)
-    milestones: tuple[int, ...] = _opt((), item_gt=0, doc="steps whose checkpoints are kept")
-    on_nonfinite: str = _opt("stop", choices=("stop", "skip"))
+@_section
+class TrainConfig:
+    batch_size: Int = Field(128, gt=0)
+    steps: Int = Field(500000, gt=0)
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    log_every: Int = Field(50, gt=0)
+    checkpoint_every: Int = Field(5000, gt=0)
+    sample_every: Int = Field(10000, ge=0, description="0 = never")
+    keep_checkpoints: Int = Field(3, ge=1)
+    milestones: PositiveInts = Field((), description="steps whose checkpoints are kept")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
-@dataclass(frozen=True)
-class SamplerConfig(_Section):
-    steps: int = _opt(1000, ge=2, doc="respaced K (docs/math.md section 7); default: process.timesteps")
-    noise: str = _opt("exact", choices=("exact", "lanczos"))
-    lanczos_iterations: int = _opt(40, ge=1)
-    clip: bool = _opt(True)
-    variance: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
-    method: str = _opt("ancestral", choices=("ancestral", "ddim"),
-                       doc="ddim: marginal-preserving few-step sampler (docs/sampling.md)")
-    eta: float = _opt(0.0, ge=0.0, le=1.0, doc="ddim only: 0 = deterministic where possible, "
-                                              "1 = the ancestral posterior")
-    num_images: int = _opt(16, gt=0)
-    batch_size: int = _opt(16, gt=0)
-    seed: int = _opt(0, ge=0)
+@_section
+class SamplerConfig:
+    steps: Int = Field(1000, ge=2, description="respaced K (docs/math.md section 7); "
+                                               "default: process.timesteps")
+    noise: Literal["exact", "lanczos"] = "exact"
+    lanczos_iterations: Int = Field(40, ge=1)
+    clip: Bool = True
+    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"
+    method: Literal["ancestral", "ddim"] = Field(
+        "ancestral", description="ddim: marginal-preserving few-step sampler (docs/sampling.md)")
+    eta: Float = Field(0.0, ge=0.0, le=1.0, description="ddim only: 0 = deterministic where "
+                                                        "possible, 1 = the ancestral posterior")
+    num_images: Int = Field(16, gt=0)
+    batch_size: Int = Field(16, gt=0)
+    seed: Int = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class EvalConfig(_Section):
+@_section
+class EvalConfig:
     """``ssd-run evaluate`` (docs/evaluation.md)."""
 
-    num_samples: int = _opt(1000, ge=2, doc="samples to draw (the paper's FIDs: 50000)")
-    inception_weights: str = _opt("", doc="weights-inception-2015-12-05-6726825d.pth: adds FID, "
-                                          "KID, precision/recall")
-    reference: str = _opt("", doc="reference statistics .npz (mu, sigma[, features]); "
-                                  "default: the run's data, computed once and cached")
-    reference_images: int = _opt(50000, ge=2, doc="data images in the reference (at most all)")
-    chunk_size: int = _opt(0, ge=0, doc="samples per resumable chunk, a multiple of "
-                                        "sampler.batch_size; 0 = about 500")
-    cache_dir: str = _opt("", doc="reference cache; default: $XDG_CACHE_HOME/ssd_keras")
+    num_samples: Int = Field(1000, ge=2, description="samples to draw (the paper's FIDs: 50000)")
+    inception_weights: Str = Field("", description="weights-inception-2015-12-05-6726825d.pth: "
+                                                   "adds FID, KID, precision/recall")
+    reference: Str = Field("", description="reference statistics .npz (mu, sigma[, features]); "
+                                           "default: the run's data, computed once and cached")
+    reference_images: Int = Field(50000, ge=2, description="data images in the reference (at most all)")
+    chunk_size: Int = Field(0, ge=0, description="samples per resumable chunk, a multiple of "
+                                                 "sampler.batch_size; 0 = about 500")
+    cache_dir: Str = Field("", description="reference cache; default: $XDG_CACHE_HOME/ssd_keras")
 
 
 SECTIONS: dict[str, type] = {
@@ -305,10 +312,8 @@ class PipelineConfig:
     # ---- serialization -----------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (lists, not tuples) in section order."""
-        out = {}
-        for name, sec in self.sections().items():
-            out[name] = {f.name: _plain(getattr(sec, f.name)) for f in dataclasses.fields(sec)}
-        return out
+        return {name: {k: _plain(v) for k, v in dataclasses.asdict(sec).items()}
+                for name, sec in self.sections().items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>", *,
@@ -318,17 +323,10 @@ class PipelineConfig:
 
     def to_toml(self, header: str | None = None) -> str:
         """The resolved config as TOML text (every key written explicitly)."""
-        lines = []
         if header is None:
             header = f"Resolved pipeline config of run '{self.run.name}' (written by ssd_keras)."
-        for h in header.splitlines():
-            lines.append(f"# {h}".rstrip())
-        for name, values in self.to_dict().items():
-            lines.append("")
-            lines.append(f"[{name}]")
-            for key, value in values.items():
-                lines.append(f"{key} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
+        comment = "".join(f"# {h}".rstrip() + "\n" for h in header.splitlines())
+        return comment + "\n" + tomli_w.dumps(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -348,16 +346,17 @@ class PipelineConfig:
 
             cfg.replace(train={"steps": 10}, sampler={"steps": 20})
         """
-        new = {}
+        new, errors = {}, []
         for name, change in sections.items():
             if name not in SECTIONS:
-                raise _error(self.source, [_unknown_section_msg(name)])
-            if isinstance(change, Mapping):
-                unknown = [k for k in change if k not in _field_names(SECTIONS[name])]
-                if unknown:
-                    raise _error(self.source, [_unknown_key_msg(name, unknown[0], change[unknown[0]])])
-                change = dataclasses.replace(getattr(self, name), **change)
-            new[name] = change
+                errors.append(_unknown_section_msg(name))
+            elif isinstance(change, Mapping):
+                values = {**dataclasses.asdict(getattr(self, name)), **change}
+                new[name] = _build(name, values, errors)
+            else:
+                new[name] = change
+        if errors:
+            raise _error(self.source, errors)
         return dataclasses.replace(self, **new)
 
 
@@ -418,12 +417,11 @@ def from_dict(d: Mapping[str, Any], source: str = "<dict>", *, overrides: Iterab
     for name, table in d.items():
         if name not in SECTIONS:
             errors.append(_unknown_section_msg(name))
-            continue
-        if not isinstance(table, Mapping):
+        elif not isinstance(table, Mapping):
             errors.append(f"{name} = {_fmt(table)}: must be a table [{name}], "
                           f"not {_a(_type_name(table))}")
-            continue
-        raw[name] = dict(table)
+        else:
+            raw[name] = dict(table)
 
     overrides = list(overrides)
     for text in overrides:
@@ -435,35 +433,20 @@ def from_dict(d: Mapping[str, Any], source: str = "<dict>", *, overrides: Iterab
             raise ConfigError(f"{source}: --set {text}: {_unknown_section_msg(section)}")
         if key not in _field_names(SECTIONS[section]):
             raise ConfigError(f"{source}: --set {text}: {_unknown_key_msg(section, key, value)}")
-        if not isinstance(value, str) and _field_type(SECTIONS[section], key) == "str":
+        if not isinstance(value, str) and _is_text(SECTIONS[section], key):
             value = text.split("=", 1)[1].strip()  # e.g. run.name=2024 stays a string
         raw.setdefault(section, {})[key] = value
     if overrides:
         source = f"{source} (with --set {' '.join(overrides)})"
 
-    for name, table in raw.items():
-        names = _field_names(SECTIONS[name])
-        for key, value in table.items():
-            if key not in names:
-                errors.append(_unknown_key_msg(name, key, value))
+    raw.setdefault("run", {}).setdefault("name", default_name)
+    timesteps = raw.get("process", {}).get("timesteps")
+    if isinstance(timesteps, int) and not isinstance(timesteps, bool):
+        raw.setdefault("sampler", {}).setdefault("steps", timesteps)
 
-    process = raw.get("process", {})
-    for key in ("image_size", "levels"):
-        if key not in process:
-            errors.append(f"process.{key}: required key is missing "
-                          f"(add `{key} = ...` under [process])")
+    sections = {name: _build(name, raw.get(name, {}), errors) for name in SECTIONS}
     if errors:
         raise _error(source, errors)
-
-    run = raw.setdefault("run", {})
-    if "name" not in run:
-        run["name"] = default_name
-    sampler = raw.setdefault("sampler", {})
-    timesteps = process.get("timesteps")
-    if "steps" not in sampler and isinstance(timesteps, int) and not isinstance(timesteps, bool):
-        sampler["steps"] = timesteps
-
-    sections = {name: cls(**raw.get(name, {})) for name, cls in SECTIONS.items()}
     return PipelineConfig(**sections, source=source)
 
 
@@ -487,22 +470,75 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 # --------------------------------------------------------------------------------------
-# Validation
+# Validation: one section (pydantic, translated by _explain), then across keys (_validate)
 # --------------------------------------------------------------------------------------
 
 
+def _build(name: str, values: Mapping[str, Any], errors: list[str]):
+    """Section ``name`` made from ``values``, or None with its problems appended to ``errors``."""
+    cls = SECTIONS[name]
+    try:
+        return cls.__pydantic_validator__.validate_python(dict(values))
+    except pydantic.ValidationError as e:
+        errors.extend(_explain(name, e, values))
+        return None
+
+
+def _explain(section: str, exc: pydantic.ValidationError, values: Mapping[str, Any]) -> list[str]:
+    """pydantic's errors of one section as lines ``section.key = value: reason``, one per key
+    in field order (the first problem of each key), unknown keys last."""
+    cls, found = SECTIONS[section], {}
+    names = _field_names(cls)
+    for err in exc.errors(include_url=False):
+        key = err["loc"][0] if err["loc"] else ""
+        key = names[key] if isinstance(key, int) and key < len(names) else str(key)  # positional
+        if key not in found:
+            found[key] = _message(section, cls, key, err, values)
+    order = {k: i for i, k in enumerate(names)}
+    return [found[k] for k in sorted(found, key=lambda k: order.get(k, len(order)))]
+
+
+def _message(section: str, cls, key: str, err: dict, values: Mapping[str, Any]) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return _unknown_key_msg(section, key, values.get(key, err["input"]))
+    if kind == "missing":
+        return f"{section}.{key}: required key is missing (add `{key} = ...` under [{section}])"
+    value = values.get(key, err["input"])
+    annotation = cls.__pydantic_fields__[key].annotation if key in cls.__pydantic_fields__ else None
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # shown as it is stored
+    got = _a(_type_name(err["input"]))
+    if len(err["loc"]) > 1:  # an entry of a list
+        item = err["input"]
+        reason = (f"every entry must be > {ctx['gt']} (got {item})" if kind == "greater_than" else
+                  f"expected a list of integers, got an item {_fmt(item)} ({_type_name(item)})")
+    elif kind == "literal_error":
+        reason = ("must be one of " + ", ".join(_fmt(c) for c in get_args(annotation))
+                  if isinstance(value, str) else f"expected a string, got {got}")
+    else:
+        bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+                  "less_than_equal": "<="}
+        reasons = {"int_type": f"expected an integer, got {got}",
+                   "float_type": f"expected a number, got {got}",
+                   "bool_type": f"expected true or false, got {got}",
+                   "string_type": f"expected a string, got {got}",
+                   "tuple_type": f"expected a list of integers, got {got}",
+                   "finite_number": "must be a finite number",
+                   "too_short": "must not be empty", "string_too_short": "must not be empty"}
+        if kind in bounds:
+            bound = next(iter(ctx.values()))
+            reason = f"must be {bounds[kind]} {bound}"
+        else:
+            reason = reasons.get(kind, err["msg"])
+    return f"{section}.{key} = {_fmt(value)}: {reason}"
+
+
 def _validate(cfg: PipelineConfig) -> list[str]:
-    errors: list[str] = []
-    for name, cls in SECTIONS.items():
-        sec = getattr(cfg, name)
-        if not isinstance(sec, cls):
-            errors.append(f"[{name}]: expected {cls.__name__}, got {type(sec).__name__}")
-            continue
-        for f in dataclasses.fields(sec):
-            msg = _check_field(f, getattr(sec, f.name))
-            if msg:
-                errors.append(f"{name}.{f.name} = {_fmt(getattr(sec, f.name))}: {msg}")
-    if errors:  # cross-checks assume well-typed fields
+    """The checks across keys (each section's own fields are valid by construction)."""
+    errors = [f"[{name}]: expected {cls.__name__}, got {type(getattr(cfg, name)).__name__}"
+              for name, cls in SECTIONS.items() if not isinstance(getattr(cfg, name), cls)]
+    if errors:
         return errors
 
     run, data, p, m, loss, sampler = (cfg.run, cfg.data, cfg.process, cfg.model, cfg.loss,
@@ -587,49 +623,8 @@ def _validate(cfg: PipelineConfig) -> list[str]:
     return errors
 
 
-def _check_field(f: dataclasses.Field, v: Any) -> str | None:
-    """Type and range check of one value; returns the reason or None."""
-    meta, t = f.metadata, f.type
-    if t == "bool":
-        if not isinstance(v, bool):
-            return f"expected true or false, got {_a(_type_name(v))}"
-        return None
-    if t == "int":
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"expected an integer, got {_a(_type_name(v))}"
-    elif t == "float":
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f"expected a number, got {_a(_type_name(v))}"
-        if not math.isfinite(v):
-            return "must be a finite number"
-    elif t == "str":
-        if not isinstance(v, str):
-            return f"expected a string, got {_a(_type_name(v))}"
-    elif t == "tuple[int, ...]":
-        if not isinstance(v, (list, tuple)):
-            return f"expected a list of integers, got {_a(_type_name(v))}"
-        for item in v:
-            if isinstance(item, bool) or not isinstance(item, int):
-                return f"expected a list of integers, got an item {_fmt(item)} ({_type_name(item)})"
-            if meta.get("item_gt") is not None and item <= meta["item_gt"]:
-                return f"every entry must be > {meta['item_gt']} (got {item})"
-    else:  # pragma: no cover - a declaration error
-        raise TypeError(f"unsupported field type {t!r}")
-    choices = meta.get("choices")
-    if choices and v not in choices:
-        return "must be one of " + ", ".join(_fmt(c) for c in choices)
-    if meta.get("nonempty") and len(v) == 0:
-        return "must not be empty"
-    for op, ok, word in (("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
-                         ("lt", lambda a, b: a < b, "<"), ("le", lambda a, b: a <= b, "<=")):
-        bound = meta.get(op)
-        if bound is not None and not ok(v, bound):
-            return f"must be {word} {bound}"
-    return None
-
-
 # --------------------------------------------------------------------------------------
-# Messages and TOML writing
+# Messages
 # --------------------------------------------------------------------------------------
 
 
@@ -642,8 +637,14 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _field_type(cls, key: str) -> str:
-    return {f.name: f.type for f in dataclasses.fields(cls)}[key]
+def _section_name(cls) -> str:
+    return next(name for name, c in SECTIONS.items() if c is cls)
+
+
+def _is_text(cls, key: str) -> bool:
+    """Whether ``key`` of section ``cls`` holds a string (free text or one of some words)."""
+    annotation = cls.__pydantic_fields__[key].annotation
+    return annotation is str or get_origin(annotation) is Literal
 
 
 def _unknown_section_msg(name: str) -> str:
@@ -690,42 +691,12 @@ def _plain(v: Any) -> Any:
 
 
 def _fmt(v: Any) -> str:
-    """A value as it would be written in TOML (for messages)."""
-    try:
-        return _toml_value(v)
-    except TypeError:
-        return repr(v)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return _toml_string(v)
+    """A value as it is written in TOML (for messages): ``"text"``, ``[1, 2]``, ``true``, ``nan``."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # nan, inf, -inf
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-            "\r": "\\r"}
-
-
-def _toml_string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    try:
+        return json.dumps(v, ensure_ascii=False)  # JSON's strings, numbers, booleans are TOML's
+    except (TypeError, ValueError):
+        return repr(v)

@@ -81,7 +81,7 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
     """
     from tqdm.auto import tqdm
 
-    from .images import save_grid, to_uint8
+    from .images import save_grid, save_images
     from .sample import sample_images
 
     s = cfg.sampler
@@ -119,8 +119,7 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
             t0 = time.perf_counter()
             settings = dict(asdict(s), num_images=want, seed=chunk_seed(s.seed, c))
             result = sample_images(model, process, objective, **settings, progress=progress)
-            for i, img in zip(range(start, stop), to_uint8(result.images)):
-                _save_png(img, name(i))
+            save_images(result.images[: stop - start], images, start=start)  # named as name(i)
             seconds += time.perf_counter() - t0
             sampled += stop - start
             bar.update(stop - start)
@@ -128,17 +127,8 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
     grid_path = folder / "grid.png"
     if not grid_path.is_file() or todo:
         first = metrics.load_image_folder(images, image_size=cfg.process.image_size, limit=64)
-        save_grid(to_uint8(first), grid_path)
+        save_grid(first, grid_path)  # [-1, 1], as save_grid takes them
     return {"sampling_seconds": round(seconds, 3), "sampled_now": sampled}
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    """Write a PNG under a temporary name and rename it: a killed run leaves no half file."""
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")  # not an image name: folder readers skip it
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- reference
@@ -176,7 +166,7 @@ def reference_folder(cfg, num_images: int, cache_dir: Path, *, progress: bool = 
 
     from .builders import build_dataset
     from .config import from_dict
-    from .images import to_uint8
+    from .images import save_images
 
     description = reference_description(cfg, num_images)
     key = _key(description)
@@ -198,11 +188,9 @@ def reference_folder(cfg, num_images: int, cache_dir: Path, *, progress: bool = 
         bar = tqdm(total=n, desc="reference", unit="img", disable=not progress)
         have = 0
         while have < n:
-            batch = to_uint8(next(ds))[: n - have]
-            for img in batch:
-                _save_png(img, tmp / "images" / f"{have:06d}.png")
-                have += 1
-            bar.update(len(batch))
+            written = save_images(next(ds)[: n - have], tmp / "images", start=have)
+            have += len(written)
+            bar.update(len(written))
         bar.close()
     finally:
         ds.close()

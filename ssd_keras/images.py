@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,29 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
 
 
 def save_image(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save a uint8 HWC image (format from the suffix; ``scale``: nearest-neighbour enlarged)."""
     img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    return _save(img, path)
+
+
+def save_images(images: np.ndarray, folder: str | Path, start: int = 0, digits: int = 6) -> list[Path]:
+    """Save ``[-1, 1]`` NHWC images one file each: ``folder/000000.png`` (numbered from
+    ``start``, ``digits`` wide). Each is written whole or not at all (see :func:`_save`)."""
+    folder = Path(folder)
+    return [save_image(img, folder / f"{start + i:0{digits}d}.png")
+            for i, img in enumerate(to_uint8(images))]
+
+
+def _save(img: Image.Image, path: str | Path) -> Path:
+    """Write under a temporary name (``.NAME.tmp``: no image name, folder readers skip it)
+    and rename: a killed process leaves no half-written image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+    os.replace(tmp, path)
     return path
 
 
@@ -70,7 +88,4 @@ def save_progression(frames: list[dict], path: str | Path, image_size: int, max_
                 canvas.paste(pil, (x0, y0))
                 if k == 0:
                     draw.text((2, y0 + cell // 2 - 6), "x_t" if j == 0 else "x0 pred", fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return _save(canvas, path)

@@ -516,3 +516,63 @@ def test_small_images_skip_is_accepted_as_the_data_module_documents_it(tmp_path)
     path = tmp_path / "p.toml"
     path.write_text('[data]\nsmall_images = "skip"\n[process]\nimage_size = 16\nlevels = 1\n')
     assert load_pipeline(path).data.small_images == "skip"
+
+
+# --------------------------------------------------------------------------------------
+# the validator: pydantic underneath, this module's messages on top
+# --------------------------------------------------------------------------------------
+
+
+def test_a_config_saved_by_the_old_writer_still_loads():
+    """Run directories hold config.toml files written by 0.1's hand-written TOML writer
+    (inline arrays, its own string escapes); they load as the config they were saved from."""
+    saved = Path(__file__).resolve().parent / "data" / "config_written_by_0.1.toml"
+    cfg = load_pipeline(saved)
+    assert cfg == load_pipeline(PIPELINES / "quickstart.toml", [
+        'data.path="C:\\\\data\\\\\\"quoted\\" dir\\tτ"', "train.milestones=[500, 1000]",
+        "optimizer.epsilon=1.5e300"])
+    assert cfg.data.path == 'C:\\data\\"quoted" dir\tτ' and cfg.train.milestones == (500, 1000)
+
+
+def test_sections_are_validated_when_built_directly():
+    from ssd_keras.config import ModelConfig, SamplerConfig
+
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(channel_mult=[1, 2.5], dropout=True, chanel_mult=3)
+    assert info.value.errors == [
+        "<config>: model.channel_mult = [1, 2.5]: expected a list of integers, got an item 2.5 (float)",
+        "<config>: model.dropout = true: expected a number, got a boolean",
+        "<config>: model.chanel_mult = 3: unknown key in [model]; did you mean model.channel_mult? "
+        "valid keys: base_channels, channel_mult, num_res_blocks, attention_resolutions, "
+        "num_heads, num_head_channels, dropout, full_res_change_via_upsample",
+    ]
+    with pytest.raises(ConfigError, match=r'^<config>: sampler.noise = "x": must be one of "exact", "lanczos"$'):
+        SamplerConfig(100, "x")  # positional arguments are named too
+    assert ModelConfig(channel_mult=[1, 2]).channel_mult == (1, 2)
+    assert isinstance(ModelConfig(dropout=0).dropout, float)
+
+
+def test_every_problem_of_every_section_is_one_line(tmp_path):
+    path = write(tmp_path, M4 + "[optimizer]\nlr = 0\nbeta1 = true\n[model]\nchanel = 3\n"
+                                "channel_mult = [1, 0]\n[data]\nsource = 3\n[foo]\na = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    lines = info.value.errors
+    assert str(info.value) == "\n".join(lines)
+    assert [line.split(": ")[1].split(" = ")[0] for line in lines] == [
+        "[foo]", "data.source", "model.channel_mult", "model.chanel", "optimizer.lr", "optimizer.beta1"]
+    assert all(line.startswith(f"{path}: ") and "\n" not in line for line in lines)
+    assert "did you mean model.channel_mult" in lines[3] and "valid keys: base_channels" in lines[3]
+    # nothing of pydantic's own report reaches the user
+    assert not any(word in str(info.value) for word in ("validation error", "pydantic", "input_value",
+                                                        "For further information"))
+
+
+def test_configs_are_hashable_and_picklable():
+    import copy
+    import pickle
+
+    cfg = load_pipeline(PIPELINES / "quickstart.toml")
+    assert hash(cfg) == hash(copy.deepcopy(cfg))
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert len({cfg, cfg.replace(train={"steps": 10}), copy.deepcopy(cfg)}) == 2

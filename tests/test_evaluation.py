@@ -155,16 +155,16 @@ def test_a_killed_evaluation_resumes_to_the_same_result(setup, capsys):
                "--no-progress", *weights], None
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from ssd_keras import evaluation
+        from ssd_keras import images
         from ssd_keras.cli import main
-        save, count = evaluation._save_png, [0]
+        save, count = images.save_image, [0]
         def dying_save(array, path):
             count[0] += 1
             if count[0] == 6:
                 path.with_name("." + path.name + ".tmp").write_bytes(b"half a png")
                 os.kill(os.getpid(), signal.SIGKILL)
-            save(array, path)
-        evaluation._save_png = dying_save
+            return save(array, path)
+        images.save_image = dying_save
         sys.exit(main({argv!r}))
     """)
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -205,6 +205,13 @@ def test_without_weights_it_names_the_file_and_reports_the_weights_free_measures
     assert np.isfinite(free["fd_pix8"]) and free["nearest_neighbour"]["ratio"] > 0
     assert free["num_samples"] == N and free["num_data"] == 8
     assert "FD-pix8" in text and "FID " not in text
+    # grid.png tiles the samples themselves (images.grid: 2 px padding, then enlarged)
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out / "grid.png"))
+    scale = grid.shape[1] // (3 * (16 + 2) + 2)  # 6 samples of 16 px: 3 columns
+    first = np.asarray(Image.open(out / "images" / "000000.png").convert("RGB"))
+    assert np.array_equal(grid[::scale, ::scale][2:18, 2:18], first)
 
 
 def test_a_given_reference_npz(setup, capsys):

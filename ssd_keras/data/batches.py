@@ -558,6 +558,8 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
       an ``ImageBatches`` iterator; ``next(it)`` is ``float32 (batch_size, image_size,
       image_size, 3)`` in [-1, 1].
     """
+    # A pipeline's [data] keys were validated by ssd_keras.config (with section.key messages);
+    # these checks guard direct calls, and keep the invariants the stream relies on.
     _check_choice("source", source, SOURCES)
     _check_int("image_size", image_size, 1)
     _check_int("batch_size", batch_size, 1)
@@ -588,10 +590,6 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
                 f"{name}={given[name]!r} is only used with source={owner!r}, but "
                 f"source={source!r}"
             )
-    for name in ("tfds_split", "image_key"):
-        value = {"tfds_split": tfds_split, "image_key": image_key}[name]
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty string, got {name}={value!r}")
 
     if source == "digits":
         src = DigitsSource()
