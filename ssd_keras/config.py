@@ -219,6 +219,10 @@ class SamplerConfig:
     num_images: Int = Field(16, gt=0)
     batch_size: Int = Field(16, gt=0)
     seed: Int = Field(0, ge=0)
+    graph: Literal["trace", "eager"] = Field(
+        "trace", description="torch: replay each path from a torch.jit.trace (about 2x faster "
+                             "than eager Keras); eager: call the Keras model. jax and tensorflow "
+                             "compile either way (docs/design.md, Speed)")
 
 
 @_section

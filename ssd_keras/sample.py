@@ -50,6 +50,7 @@ def sample_images(
     channels: int = 3,
     record_progression: bool = False,
     progress: bool = True,
+    graph: str = "trace",
 ) -> SampleResult:
     """Draw ``num_images`` samples with ``steps`` respaced steps (default: all T).
 
@@ -58,7 +59,9 @@ def sample_images(
     ``ScaleSpaceProcess.ddim_step`` with ``eta`` (docs/sampling.md), which ignores
     ``variance`` and needs no ``noise`` method. ``change_eta`` (Python API, for studies)
     sets a different ``eta`` on resolution-change spans; ``1.0`` there is the exact
-    posterior on change steps.
+    posterior on change steps. ``graph`` picks how the network runs on torch
+    (``backend.inference_fn``): ``"trace"`` replays a ``torch.jit.trace`` of each path,
+    ``"eager"`` calls the Keras model.
     """
     from keras import ops
 
@@ -76,12 +79,12 @@ def sample_images(
     bar = tqdm(total=(len(pairs) + 1) * -(-total // batch_size), desc="sampling", unit="step",
                disable=not progress, leave=False)
 
-    networks = {}  # path -> compiled inference (jax/tensorflow compile once per path)
+    networks = {}  # path -> its inference function (traced or compiled once per path and shape)
 
     def x0_prediction(x, t):
         key = process.path_at(t)
         if key not in networks:
-            networks[key] = backend.inference_fn(model.path(*key))
+            networks[key] = backend.inference_fn(model.path(*key), graph)
         t_vec = ops.full((x.shape[0],), float(t), dtype="float32")
         pred = networks[key](x, t_vec)
         x0_hat = objective.to_x0(ops.cast(pred, "float32"), x, t)

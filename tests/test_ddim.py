@@ -225,7 +225,7 @@ def test_sampling_loop_takes_the_ddim_step_with_the_right_eta_and_noise(monkeypa
     from ssd_keras import sample as sample_module
     from ssd_keras.objectives import X0Objective
 
-    monkeypatch.setattr(sample_module.backend, "inference_fn", lambda fn: fn)
+    monkeypatch.setattr(sample_module.backend, "inference_fn", lambda fn, graph="trace": fn)
     p = ScaleSpaceProcess(16, 3, timesteps=60, resolution_schedule="Equal")
     model = _LinearToyModel()
     got = sample_module.sample_images(model, p, X0Objective(p), num_images=2, steps=8,
