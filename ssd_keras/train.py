@@ -56,6 +56,7 @@ class Trainer:
         self.run_dir, self.ckpt_dir, self.log_path = self.run.path, self.run.checkpoints, self.run.log
         self.signals = StopSignals(lambda: self.step, (self.run_dir, self.ckpt_dir),
                                    data_parallel=self.dist.world_size > 1)
+        self._ema_model = None  # the sampling model of ema_model(), built on first use
         # cheap checks first: a missing data folder or an unwritable output directory
         # fails before the (possibly large) model is built
         self.process = build_process(cfg)
@@ -224,8 +225,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ sampling
     def ema_model(self):
-        """A float32 Flexi-UNet holding the EMA weights."""
-        model = build_model(self.cfg, precision="float32", channels=CHANNELS)
+        """A float32 Flexi-UNet holding the current EMA weights (and the model's
+        non-trainable state, e.g. dropout seeds).
+
+        Built on the first call and refreshed on every later one: each call returns the
+        same model, so a model returned earlier holds the newest EMA weights afterwards.
+        """
+        if self._ema_model is None:
+            self._ema_model = build_model(self.cfg, precision="float32", channels=CHANNELS)
+        model = self._ema_model
         for v, e in zip(model.trainable_variables, self.ema):
             v.assign(e)
         for v, src in zip(model.non_trainable_variables, self.model.non_trainable_variables):
