@@ -27,7 +27,7 @@ from .training.run_dir import RunDir, RunDirError  # noqa: F401
 from .training.signals import Stopped, StopSignals
 from .training.state import TrainState
 from .training.step import (DataParallelStep, NonFiniteLossError, PathGradients, Step,  # noqa: F401
-                            draw, weighted_mse)
+                            draw, weighted_mse, with_timesteps)
 
 
 def _from_state(name: str, doc: str) -> property:
@@ -113,11 +113,23 @@ class Trainer:
     skipped = _from_state("skipped", "The number of steps skipped for a non-finite loss.")
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, x0: np.ndarray | None = None) -> tuple[float, tuple[int, int], np.ndarray]:
-        """One optimisation step; returns ``(loss, (r_in, r_out), t)``."""
+    def train_step(self, x0: np.ndarray | None = None,
+                   t: np.ndarray | None = None) -> tuple[float, tuple[int, int], np.ndarray]:
+        """One optimisation step; returns ``(loss, (r_in, r_out), t)``.
+
+        ``x0``: the batch (this process's share, data parallel); by default the next one
+        of the data stream. ``t``: the integer timesteps of the batch, one per image, all
+        on one path (else ``ValueError``); the step trains that path, e.g. to time or
+        probe one path. By default they are drawn with the paper's one-path-per-batch
+        sampler (``_draw``). The noise always comes from the trainer's RNG (with a given
+        ``t`` it is the only draw of the step).
+        """
         if x0 is None:
             x0 = next(self.data)
-        t, key, noise = self._draw(x0.shape[0])
+        if t is None:
+            t, key, noise = self._draw(x0.shape[0])
+        else:
+            t, key, noise = with_timesteps(self.process, self.rng, t, x0.shape[0])
         return self._step_fn(x0, t, key, noise)
 
     def _draw(self, batch: int):

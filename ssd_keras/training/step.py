@@ -29,9 +29,33 @@ class NonFiniteLossError(RuntimeError):
 def draw(process, rng: np.random.Generator, batch: int):
     """``(t, path key, noise)`` of one step: the path follows ``t[0]`` (one per batch)."""
     t = process.sample_training_timesteps(rng, batch)
+    return with_timesteps(process, rng, t, batch, check=False)
+
+
+def with_timesteps(process, rng: np.random.Generator, t, batch: int, check: bool = True):
+    """``(t, path key, noise)`` of a step on the given timesteps ``t``: the noise is drawn
+    from ``rng`` as for drawn timesteps. ``t`` must be ``batch`` integer timesteps of
+    the process, all on one path (``ValueError`` otherwise)."""
+    if check:
+        t = _checked_timesteps(process, t, batch)
     key = process.path_at(int(t[0]))
     noise = rng.standard_normal((batch, key[0], key[0], CHANNELS)).astype(np.float32)
     return t, key, noise
+
+
+def _checked_timesteps(process, t, batch: int) -> np.ndarray:
+    t = np.asarray(t)
+    if t.shape != (batch,) or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"t: expected {batch} integer timesteps (one per image of the batch), "
+                         f"got an array of shape {t.shape} and dtype {t.dtype}")
+    if t.min() < 0 or t.max() >= process.timesteps:
+        raise ValueError(f"t: timesteps must be in [0, {process.timesteps - 1}], got "
+                         f"{t.min()}..{t.max()}")
+    paths = sorted({process.path_at(int(v)) for v in np.unique(t)})
+    if len(paths) > 1:
+        raise ValueError(f"t: a step trains one path, but these timesteps are on the paths "
+                         f"{', '.join(f'{a}->{b}' for a, b in paths)}")
+    return t.astype(np.int64, copy=False)
 
 
 # ---------------------------------------------------------------------- loss, EMA
