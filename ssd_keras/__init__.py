@@ -8,7 +8,8 @@ Modules, one job each:
 - ``nn``         ADM blocks and the Flexi-UNet
 - ``data``       dataset sources and preprocessing
 - ``config``     TOML pipelines -> typed, validated config
-- ``train``      training loop, EMA, checkpoints
+- ``train``      the Trainer: training loop, EMA, checkpoints
+- ``training``   the Trainer's parts: run directory, state, step, log, signals
 - ``sample``     reverse process, grids and progression figures
 - ``backend``    the only module that knows which Keras backend runs
 - ``cli``        the ``ssd-run`` command
