@@ -199,9 +199,7 @@ def bench_training(trainer, reference, process, args, record, path_probabilities
 
 def train_step_at(trainer, x0, t):
     """``Trainer.train_step`` on the timesteps ``t`` (their path) instead of drawn ones."""
-    key = trainer.process.path_at(int(t[0]))  # TEMPORARY until Trainer.train_step(t=) lands
-    trainer._draw = lambda b: (t, key, trainer.rng.standard_normal((b, key[0], key[0], 3)).astype(np.float32))
-    return trainer.train_step(x0)
+    return trainer.train_step(x0, t=t)
 
 
 def bench_sampling(trainer, reference, process, args, record, sample_images):
@@ -230,7 +228,8 @@ def bench_sampling(trainer, reference, process, args, record, sample_images):
                     runs[which].append(timed(lambda: sample_images(
                         model, process, trainer.objective, num_images=args.images, steps=k,
                         batch_size=args.images, noise=which, seed=r, progress=False)))
-            print(f"sampling K={k} round {r + 1}/{args.sample_rounds}", file=sys.stderr)
+            print(f"sampling K={k} round {r + 1}/{args.sample_rounds}: "
+                  + ", ".join(f"{w} {runs[w][-1]:.2f} s" for w in order), file=sys.stderr)
         ref_s = statistics.median(runs["reference"])
         lan_s = statistics.median(runs["lanczos"])
         exa_s = statistics.median(runs["exact"])

@@ -75,9 +75,8 @@ def conv2d(x, kernel, bias, strides=1, padding=0):
     contiguous NCHW and back around every call and added the bias separately.
     """
     if BACKEND == "torch" and isinstance(x, torch.Tensor):
-        w = torch.permute(_torch_value(kernel), (3, 2, 0, 1))  # OIHW view of HWIO
-        y = _torch_F.conv2d(torch.permute(x, (0, 3, 1, 2)), w, _torch_value(bias),
-                            strides, padding)
+        y = _torch_F.conv2d(torch.permute(x, (0, 3, 1, 2)), _oihw(_torch_value(kernel)),
+                            _torch_value(bias), strides, padding)
         return torch.permute(y, (0, 2, 3, 1))
     if padding and strides == 1 and 2 * padding + 1 == kernel.shape[0]:
         y = ops.conv(x, kernel, strides=1, padding="same")
@@ -89,9 +88,13 @@ def conv2d(x, kernel, bias, strides=1, padding=0):
 
 
 def dense(x, kernel, bias):
-    """``x @ kernel + bias`` over the last axis (one fused ``addmm``/``linear`` on torch)."""
+    """``x @ kernel + bias`` over the last axis: one ``addmm`` on torch, which reads the
+    Keras kernel (in, out) as it is stored (``F.linear`` wants (out, in) and copied its
+    output back for 3-D inputs)."""
     if BACKEND == "torch" and isinstance(x, torch.Tensor):
-        return _torch_F.linear(x, _torch_value(kernel).T, _torch_value(bias))
+        kernel = _torch_value(kernel)
+        y = torch.addmm(_torch_value(bias), x.reshape(-1, x.shape[-1]), kernel)
+        return y.reshape(*x.shape[:-1], kernel.shape[-1])
     return ops.matmul(x, kernel) + bias
 
 
@@ -101,6 +104,49 @@ def upsample_nearest_2x(x):
         y = _torch_F.interpolate(torch.permute(x, (0, 3, 1, 2)), scale_factor=2.0, mode="nearest")
         return torch.permute(y, (0, 2, 3, 1))
     return ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def scale_shift(h, scale, shift):
+    """``h * (1 + scale) + shift`` (ADM's scale-shift norm); one ``addcmul`` on torch."""
+    if BACKEND == "torch" and isinstance(h, torch.Tensor):
+        return torch.addcmul(shift, h, 1.0 + scale)
+    return h * (1.0 + scale) + shift
+
+
+def attention_legacy_qkv(qkv, scale):
+    """Multi-head attention from a (B, L, heads, 3, ch) tensor of ``[q|k|v]`` per head
+    (ADM's legacy layout); returns (B, L, heads, ch).
+
+    On torch ``scaled_dot_product_attention`` reads q, k and v as strided views of
+    ``qkv``, so no per-head copy is made (``ops.dot_product_attention`` made q, k and v
+    contiguous first); elsewhere ``ops.dot_product_attention``.
+    """
+    if BACKEND == "torch" and isinstance(qkv, torch.Tensor):
+        q, k, v = (torch.select(qkv, 3, i).transpose(1, 2) for i in range(3))  # (B, heads, L, ch)
+        return _torch_F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    q, k, v = qkv[:, :, :, 0, :], qkv[:, :, :, 1, :], qkv[:, :, :, 2, :]
+    return ops.dot_product_attention(q, k, v, scale=scale)
+
+
+def _oihw(kernel):
+    """A Keras conv kernel (kh, kw, in, out) as the (out, in, kh, kw) weight torch wants.
+
+    A permuted view would do, but for a channels-last input the convolution copies the
+    weight to channels-last memory on every call, and each such copy wakes the OpenMP
+    threads (~0.1 ms under PASSIVE, up to 30 times per forward of a small path). Without
+    autograd (sampling) that copy is made once per weight value and kept on the tensor
+    until the weight changes (its ``_version``); with autograd the view is passed, as the
+    copy must then be part of the differentiated graph anyway.
+    """
+    view = torch.permute(kernel, (3, 2, 0, 1))
+    if torch.is_grad_enabled() and kernel.requires_grad:
+        return view
+    hit = getattr(kernel, "_ssd_oihw", None)  # kept on the tensor: it dies with it
+    if hit is not None and hit[0] == kernel._version:
+        return hit[1]
+    weight = view.detach().contiguous(memory_format=torch.channels_last)
+    kernel._ssd_oihw = (kernel._version, weight)
+    return weight
 
 
 def _torch_value(v):
@@ -183,6 +229,23 @@ def make_loss_and_grads(path_model, loss_fn):
         return loss_and_grads
 
     raise NotImplementedError(f"training is not supported on the {BACKEND!r} backend")
+
+
+def ema_update(ema, variables, rate: float) -> list:
+    """``ema * rate + weights * (1 - rate)`` for every (EMA tensor, variable) pair; returns
+    the new EMA tensors.
+
+    torch: one in-place multi-tensor ``lerp`` over all pairs (``torch._foreach_lerp_``,
+    the kernel ``torch.optim`` uses), instead of three tensor ops per variable: at the
+    quickstart's size the per-variable version cost ~10 ms a step (docs/design.md "Speed").
+    ``lerp`` with weight ``1 - rate`` is the same average up to rounding, and equals the
+    weights exactly at ``rate = 0``. Other backends return new tensors.
+    """
+    if BACKEND == "torch":
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema), [v.value for v in variables], 1.0 - float(rate))
+        return ema
+    return [e * rate + ops.stop_gradient(v.value) * (1.0 - rate) for e, v in zip(ema, variables)]
 
 
 def apply_gradients(optimizer, grads, variables):
@@ -312,11 +375,14 @@ def _traced_inference(model):
     """torch: ``model([x, t], training=False)`` replayed from a ``torch.jit.trace`` per
     input shape, with no Python (Keras's per-layer bookkeeping) between the kernels.
 
-    The trace refers to the model's parameters, not copies, so later ``assign``s are seen.
-    The first call of each shape runs the model eagerly too and keeps the trace only if
-    both agree within 1e-5 (else warns once and stays eager for that shape): a trace
-    replays one control-flow path, and this check would catch a model whose computation
-    depended on values rather than shapes.
+    A trace replays the ops of one call. That is sound for the Flexi-UNet's paths, whose
+    control flow depends on shapes and configuration only (never on tensor values), with
+    dropout off in inference; each distinct input shape gets its own trace. A trace holds
+    the convolution weights as they were (``_oihw``'s copies), so every call compares the
+    parameters' ``_version`` counters with those at tracing time and traces anew after an
+    ``assign`` (e.g. fresh EMA weights). The first call of each shape also runs the model
+    eagerly and keeps the trace only if both agree within 1e-5; otherwise (an op the
+    tracer froze or could not record) it warns and that shape stays eager.
     """
     import warnings
 
@@ -330,8 +396,14 @@ def _traced_inference(model):
 
     wrapper = _Forward(model)
     traces: dict = {}
+    params = [v.value for v in model.variables]
+    traced_at: list = [None]  # the parameters' versions the traces were made with
 
     def call(x, t):
+        versions = tuple(p._version for p in params)
+        if versions != traced_at[0]:
+            traces.clear()
+            traced_at[0] = versions
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
         # optimized_execution(False): TorchScript's profiling executor would re-specialise
         # and fuse the graph on its first calls, which cost seconds per call here (the

@@ -155,11 +155,12 @@ def test_dropout_draws_fresh_masks_each_step():
 
 
 @pytest.mark.backend
-def test_inference_fn_matches_the_model_and_sees_new_weights():
+@pytest.mark.parametrize("graph", backend.INFERENCE_GRAPHS)
+def test_inference_fn_matches_the_model_and_sees_new_weights(graph):
     u = tiny_unet(seed=4)
     for key in [(8, 8), (16, 32)]:
         path = u.path(*key)
-        fn = backend.inference_fn(path)
+        fn = backend.inference_fn(path, graph)
         x, t, _, _ = batch(*key)
         direct = ops.convert_to_numpy(path([x, t], training=False))
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x, t)), direct, rtol=1e-5, atol=1e-5)
@@ -168,6 +169,57 @@ def test_inference_fn_matches_the_model_and_sees_new_weights():
         halved = ops.convert_to_numpy(path([x, t], training=False))
         assert not np.allclose(halved, direct)
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x, t)), halved, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
+def test_a_trace_that_disagrees_with_the_model_is_not_used():
+    """A layer whose result the tracer would freeze (a fresh host random number per call):
+    the first call's check sees the replay differ from the eager run, warns, and every call
+    stays eager, so the results keep changing from call to call as the model's do."""
+
+    class Jitter(keras.layers.Layer):
+        def call(self, x):
+            return x + float(np.random.default_rng().random())
+
+    x_in = keras.Input((4,))
+    model = keras.Model(x_in, Jitter()(x_in))
+
+    class TwoInputs(keras.Model):  # inference_fn calls model([x, t])
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def call(self, inputs, training=False):
+            return self.inner(inputs[0])
+
+    fn = backend.inference_fn(TwoInputs(), "trace")
+    x, t = ops.ones((2, 4)), ops.zeros((2,))
+    with pytest.warns(UserWarning, match="eagerly"):
+        first = ops.convert_to_numpy(fn(x, t))
+    later = [ops.convert_to_numpy(fn(x, t)) for _ in range(3)]
+    assert len({float(a[0, 0]) for a in [first] + later}) == 4
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
+def test_traced_paths_are_kept_with_the_model_across_sampling_calls():
+    u = tiny_unet(seed=5)
+    path = u.path(8, 8)
+    assert backend.inference_fn(path, "trace") is backend.inference_fn(path, "trace")
+
+
+@pytest.mark.backend
+def test_ema_update_is_the_moving_average_and_a_copy_at_rate_zero():
+    u = tiny_unet(seed=6)
+    variables = u.path(8, 8).trainable_variables
+    weights = snapshot(variables)
+    rng = np.random.default_rng(0)
+    ema0 = [rng.normal(size=w.shape).astype("float32") for w in weights]
+    ema = backend.ema_update([ops.convert_to_tensor(e) for e in ema0], variables, 0.9)
+    for e, e0, w in zip(ema, ema0, weights):
+        np.testing.assert_allclose(ops.convert_to_numpy(e), 0.9 * e0 + 0.1 * w, rtol=1e-6, atol=1e-7)
+    copied = backend.ema_update([ops.convert_to_tensor(e) for e in ema0], variables, 0.0)
+    for e, w in zip(copied, weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(e), w)
 
 
 #: the modules allowed to import a framework, and why

@@ -129,7 +129,7 @@ DEFAULTS = {
               "milestones": [], "on_nonfinite": "stop"},
     "sampler": {"steps": 1000, "noise": "exact", "lanczos_iterations": 40, "clip": True,
                 "variance": "fixed_small", "method": "ancestral", "eta": 0.0, "num_images": 16,
-                "batch_size": 16, "seed": 0},
+                "batch_size": 16, "seed": 0, "graph": "trace"},
     "eval": {"num_samples": 1000, "inception_weights": "", "reference": "", "reference_images": 50000,
              "chunk_size": 0, "cache_dir": ""},
 }

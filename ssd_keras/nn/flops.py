@@ -26,10 +26,12 @@ def _prod(shape):
 
 
 def conv2d_flops(layer, input_shape, output_shape):
-    """2 x MACs of a Conv2D: out positions x out channels x (kh kw C_in / groups)."""
-    kh, kw = layer.kernel_size
+    """2 x MACs of a convolution (``nn.layers.Conv`` or ``keras.layers.Conv2D``):
+    out positions x out channels x (kh kw C_in / groups)."""
+    k = layer.kernel_size
+    kh, kw = (k, k) if isinstance(k, int) else k
     c_in = int(input_shape[-1])
-    return 2 * _prod(output_shape[1:]) * kh * kw * c_in // layer.groups
+    return 2 * _prod(output_shape[1:]) * kh * kw * c_in // getattr(layer, "groups", 1)
 
 
 def dense_flops(layer, input_shape):
@@ -49,9 +51,9 @@ def layer_flops(layer, input_shapes, output_shapes):
     doing element-wise work should be unknown; the tests check totals against torch).
     """
     x, out = input_shapes[0], output_shapes[0]
-    if isinstance(layer, keras.layers.Conv2D):
+    if isinstance(layer, (L.Conv, keras.layers.Conv2D)):
         return conv2d_flops(layer, x, out)
-    if isinstance(layer, keras.layers.Dense):
+    if isinstance(layer, (L.Linear, keras.layers.Dense)):
         return dense_flops(layer, x)
     if isinstance(layer, L.TimestepEmbedding):
         e = layer.embed_dim

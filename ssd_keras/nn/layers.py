@@ -27,7 +27,14 @@ import random
 import keras
 from keras import ops
 
-from ssd_keras.backend import conv2d, dense, group_norm, upsample_nearest_2x
+from ssd_keras.backend import (
+    attention_legacy_qkv,
+    conv2d,
+    dense,
+    group_norm,
+    scale_shift,
+    upsample_nearest_2x,
+)
 
 
 def torch_default_init():
@@ -258,7 +265,7 @@ class ResBlock(keras.layers.Layer):
         emb_out = self.emb_linear.call(ops.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = ops.split(emb_out, 2, axis=-1)
-            h = self.out_norm.call(h) * (1.0 + scale) + shift
+            h = scale_shift(self.out_norm.call(h), scale, shift)  # h * (1 + scale) + shift
         else:
             h = self.out_norm.call(h + emb_out)
         h = ops.silu(h)
@@ -331,8 +338,7 @@ class AttentionBlock(keras.layers.Layer):
         heads, ch = self.heads, self.channels // self.heads
         h = ops.reshape(self.norm.call(x), (b, -1, c))
         qkv = ops.reshape(self.qkv.call(h), (b, -1, heads, 3, ch))
-        q, k, v = qkv[:, :, :, 0, :], qkv[:, :, :, 1, :], qkv[:, :, :, 2, :]
-        a = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch))
+        a = attention_legacy_qkv(qkv, scale=1.0 / math.sqrt(ch))  # (b, L, heads, ch)
         h = self.proj_out.call(ops.reshape(a, (b, -1, c)))
         return x + ops.reshape(h, shape)
 

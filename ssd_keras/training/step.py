@@ -68,12 +68,9 @@ def weighted_mse(prediction, target, weight):
 
 
 def update_ema(ema, variables, rate: float) -> list:
-    """The new EMA tensors: ``ema * rate + weights * (1 - rate)``, one per variable."""
-    from keras import ops
-
-    with backend.no_grad():
-        return [e * rate + ops.stop_gradient(v.value) * (1.0 - rate)
-                for e, v in zip(ema, variables)]
+    """The new EMA tensors: ``ema * rate + weights * (1 - rate)``, one per variable
+    (``backend.ema_update``: in place, one multi-tensor op, on torch)."""
+    return backend.ema_update(ema, variables, rate)
 
 
 def ema_rate(ema_cfg, step: int) -> float:
