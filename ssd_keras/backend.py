@@ -177,7 +177,7 @@ def no_grad():
     return contextlib.nullcontext()
 
 
-def make_loss_and_grads(path_model, loss_fn):
+def make_loss_and_grads(path_model, loss_fn, graph: str = "eager"):
     """``fn(x, t, target, weight) -> (loss, grads)`` for one Flexi-UNet path.
 
     ``grads`` are in the order of ``path_model.trainable_variables`` (exactly the path's
@@ -185,15 +185,22 @@ def make_loss_and_grads(path_model, loss_fn):
     state the path updates (dropout seed states) is written back to its variables, so
     consecutive calls draw fresh dropout masks on every backend. Shapes are static per
     path, so jax and tensorflow compile once per path (on the first call).
+
+    torch with ``graph="trace"``: the forward pass replays a ``torch.jit.trace`` of the
+    path in training mode (autograd records the replayed ops as it records eager ones),
+    traced per input shape and checked against the eager forward on first use
+    (``_traced_call``). Only for paths without dropout: a trace would freeze the masks.
     """
     variables = path_model.trainable_variables
 
     if BACKEND == "torch":
+        forward = (_traced_call(path_model, training=True) if graph == "trace"
+                   else lambda x, t: path_model([x, t], training=True))
 
         def loss_and_grads(x, t, target, weight):
             for v in variables:
                 v.value.grad = None
-            loss = loss_fn(path_model([x, t], training=True), target, weight)
+            loss = loss_fn(forward(x, t), target, weight)
             loss.backward()
             return loss.detach(), [v.value.grad for v in variables]
 
@@ -330,7 +337,7 @@ def inference_fn(model, graph: str = "trace"):
     """``fn(x, t) -> model([x, t], training=False)``, compiled where that pays.
 
     torch: with ``graph="trace"`` (the default) a ``torch.jit.trace`` of the path per input
-    shape (``_traced_inference``), with ``"eager"`` an eager call without autograd.
+    shape (``_traced_call``), with ``"eager"`` an eager call without autograd.
     jax: ``jax.jit`` of ``stateless_call`` with the model's current variable values passed
     in on each call (later ``assign``s are seen). tensorflow: a ``tf.function`` graph
     (variables are captured by reference). Each distinct input shape compiles once.
@@ -360,7 +367,12 @@ def inference_fn(model, graph: str = "trace"):
     if graph == "trace":  # one per model, kept on it: its traces outlive a sampling call
         fn = model.__dict__.get("_ssd_traced_inference")
         if fn is None:
-            fn = _traced_inference(model)
+            traced = _traced_call(model, training=False)
+
+            def fn(x, t):
+                with torch.no_grad():
+                    return traced(x, t)
+
             object.__setattr__(model, "_ssd_traced_inference", fn)  # bypass Keras tracking
         return fn
 
@@ -371,18 +383,20 @@ def inference_fn(model, graph: str = "trace"):
     return call
 
 
-def _traced_inference(model):
-    """torch: ``model([x, t], training=False)`` replayed from a ``torch.jit.trace`` per
+def _traced_call(model, training: bool = False):
+    """torch: ``model([x, t], training=training)`` replayed from a ``torch.jit.trace`` per
     input shape, with no Python (Keras's per-layer bookkeeping) between the kernels.
 
     A trace replays the ops of one call. That is sound for the Flexi-UNet's paths, whose
-    control flow depends on shapes and configuration only (never on tensor values), with
-    dropout off in inference; each distinct input shape gets its own trace. A trace holds
-    the convolution weights as they were (``_oihw``'s copies), so every call compares the
-    parameters' ``_version`` counters with those at tracing time and traces anew after an
-    ``assign`` (e.g. fresh EMA weights). The first call of each shape also runs the model
-    eagerly and keeps the trace only if both agree within 1e-5; otherwise (an op the
-    tracer froze or could not record) it warns and that shape stays eager.
+    control flow depends on shapes and configuration only (never on tensor values), as
+    long as no dropout is active (its masks would be frozen). Each distinct input shape
+    gets its own trace. Without autograd a trace holds the convolution weights as they
+    were (``_oihw``'s cached copies), so every call compares the parameters' ``_version``
+    counters with those at tracing time and traces anew after an ``assign`` (e.g. fresh
+    EMA weights); with autograd it reads the parameters themselves. The first call of
+    each shape also runs the model eagerly and keeps the trace only if both agree within
+    1e-5; otherwise (an op the tracer froze or could not record) it warns and that shape
+    stays eager.
     """
     import warnings
 
@@ -392,7 +406,7 @@ def _traced_inference(model):
             self.keras_model = keras_model
 
         def forward(self, x, t):
-            return self.keras_model([x, t], training=False)
+            return self.keras_model([x, t], training=training)
 
     wrapper = _Forward(model)
     traces: dict = {}
@@ -400,15 +414,17 @@ def _traced_inference(model):
     traced_at: list = [None]  # the parameters' versions the traces were made with
 
     def call(x, t):
-        versions = tuple(p._version for p in params)
-        if versions != traced_at[0]:
-            traces.clear()
-            traced_at[0] = versions
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
+        grad = torch.is_grad_enabled()
+        if not grad:
+            versions = tuple(p._version for p in params)
+            if versions != traced_at[0]:
+                traces.clear()
+                traced_at[0] = versions
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, grad)
         # optimized_execution(False): TorchScript's profiling executor would re-specialise
         # and fuse the graph on its first calls, which cost seconds per call here (the
         # plain interpreter runs a 32 px path at half the eager time from the 2nd call)
-        with torch.no_grad(), torch.jit.optimized_execution(False):
+        with torch.jit.optimized_execution(False):
             fn = traces.get(key)
             if fn is not None:
                 return fn(x, t)
@@ -417,14 +433,15 @@ def _traced_inference(model):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     traced = torch.jit.trace(wrapper, (x, t), check_trace=False)
-                ok = bool(torch.allclose(traced(x, t), eager, rtol=0.0, atol=1e-5))
+                with torch.no_grad():
+                    ok = bool(torch.allclose(traced(x, t), eager.detach(), rtol=0.0, atol=1e-5))
             except Exception as exc:  # an op the tracer cannot record
                 traced, ok = None, False
                 why = f"{type(exc).__name__}: {exc}"
             else:
                 why = "the trace's output differs from the eager one"
             if not ok:
-                warnings.warn(f"sampling {model.name} eagerly for inputs {key[0]}: tracing "
+                warnings.warn(f"running {model.name} eagerly for inputs {key[0]}: tracing "
                               f"failed ({why.splitlines()[0][:200]})", stacklevel=2)
             traces[key] = traced if ok else wrapper
             return eager

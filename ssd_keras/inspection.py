@@ -42,7 +42,7 @@ MEMORY_NOTE = (
     "its backward pass (ResBlock: GN/SiLU outputs, conv outputs, dropout output + 1-byte "
     "mask; attention: GN output, qkv, attention output and per-row log-sum-exp of a "
     "flash/memory-efficient kernel, torch's default; a math kernel, e.g. XLA's, also "
-    "keeps the heads x T x T probabilities: given separately); up/downsample: the resampled/padded conv input; head: GN/SiLU "
+    "keeps the heads x T x T probabilities: given separately); upsample: the upsampled conv input; head: GN/SiLU "
     "outputs). Not counted: activation gradients live during backward, allocator "
     "overhead, framework workspaces, data pipeline buffers."
 )
@@ -111,8 +111,7 @@ def _block_internals(layer, in_shapes, out_shapes, act_bytes: int, attention_pro
     if isinstance(layer, L.Upsample):
         return 4 * _prod(in_shapes[0][1:]) * act_bytes  # the repeated conv input
     if isinstance(layer, L.Downsample):
-        h, w, c = (int(d) for d in in_shapes[0][1:])
-        return (h + 2) * (w + 2) * c * act_bytes  # the padded conv input
+        return 0  # the strided conv pads internally and keeps only its input, the block's
     if isinstance(layer, L.OutputHead):
         return 2 * _prod(in_shapes[0][1:]) * act_bytes  # GN out, SiLU out
     if isinstance(layer, L.TimestepEmbedding):
@@ -124,17 +123,31 @@ def activation_bytes(path_model, act_bytes: int = 4) -> dict:
     """Activation memory per sample of one training step of a path, counted from its graph.
 
     Returns ``{"graph", "internal", "total", "attention_probs"}`` in bytes: ``graph`` sums
-    the tensors of the Functional graph (inputs and every node's outputs: block outputs,
-    skip tensors, concatenations), ``internal`` the intermediates inside blocks
+    the tensors of the Functional graph that the backward pass needs (inputs of blocks and
+    convolutions, skip tensors, concatenations, the output; not those only concatenated,
+    upsampled or resized), ``internal`` the intermediates inside blocks
     (MEMORY_NOTE) with a flash / memory-efficient attention kernel (torch's default), and
     ``attention_probs`` what a math attention kernel (e.g. XLA's) keeps on top of that.
     """
-    graph = sum(_prod(t.shape[1:]) for t in path_model.inputs) * act_bytes
+    import keras
+
+    from .nn import layers as L
+
+    nodes = graph_nodes(path_model)
+    # a graph tensor is kept for the backward pass if a consumer needs it (a convolution or
+    # norm reads its input again), or if it is the path's output (the loss keeps it);
+    # concatenation, nearest upsampling, resizing and zero skips need only shapes
+    shape_only = (keras.layers.Concatenate, L.ZeroSkip, L.ResizeInput, keras.layers.InputLayer)
+    kept = {id(t) for t in path_model.outputs}
+    for node in nodes:
+        if not isinstance(node.operation, shape_only):
+            kept.update(id(t) for t in node.arguments.keras_tensors)
+    tensors = list(path_model.inputs) + [t for node in nodes for t in node.outputs]
+    graph = sum(_prod(t.shape[1:]) for t in tensors if id(t) in kept) * act_bytes
     internal = probs = 0
-    for node in graph_nodes(path_model):
+    for node in nodes:
         ins = [tuple(t.shape) for t in node.arguments.keras_tensors]
         outs = [tuple(t.shape) for t in node.outputs]
-        graph += sum(_prod(s[1:]) for s in outs) * act_bytes
         internal += _block_internals(node.operation, ins, outs, act_bytes)
         probs += _block_internals(node.operation, ins, outs, act_bytes, attention_probs=True)
     return {"graph": int(graph), "internal": int(internal), "total": int(graph + internal),
