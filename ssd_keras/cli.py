@@ -33,6 +33,15 @@ app = typer.Typer(
 EXIT_USER_ERROR = 2
 SET_HELP = "Override a pipeline key, e.g. --set optimizer.lr=2e-4 (repeatable)."
 
+# options that `sample` and `evaluate` share (an OptionInfo can be the default of several)
+RUN_ARGUMENT = typer.Argument(None, help="Run directory or name (default: the most recent run).")
+STEPS = typer.Option(None, help="Respaced sampling steps K (change steps are added).")
+NOISE = typer.Option(None, help="Posterior noise on change steps: exact | lanczos.")
+METHOD = typer.Option(None, help="ancestral | ddim (docs/sampling.md).")
+ETA = typer.Option(None, help="ddim noise in [0, 1]: 0 deterministic, 1 ancestral.")
+RUNS_DIR = typer.Option(Path("runs"), help="Where runs live.")
+PROGRESS = typer.Option(True, "--progress/--no-progress")
+
 
 class UserError(Exception):
     """An error with a message meant for the user (no traceback)."""
@@ -84,11 +93,11 @@ def train(
 # ---------------------------------------------------------------------------- sample
 @app.command()
 def sample(
-    run: Optional[str] = typer.Argument(None, help="Run directory or name (default: the most recent run)."),
-    steps: Optional[int] = typer.Option(None, help="Respaced sampling steps K (change steps are added)."),
-    noise: Optional[str] = typer.Option(None, help="Posterior noise on change steps: exact | lanczos."),
-    method: Optional[str] = typer.Option(None, help="ancestral | ddim (docs/sampling.md)."),
-    eta: Optional[float] = typer.Option(None, help="ddim noise in [0, 1]: 0 deterministic, 1 ancestral."),
+    run: Optional[str] = RUN_ARGUMENT,
+    steps: Optional[int] = STEPS,
+    noise: Optional[str] = NOISE,
+    method: Optional[str] = METHOD,
+    eta: Optional[float] = ETA,
     lanczos_iterations: Optional[int] = typer.Option(None, help="Lanczos iterations (paper: 40)."),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="How many images."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
@@ -97,8 +106,8 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights."),
     checkpoint: Optional[Path] = typer.Option(None, help="A checkpoint file (default: the run's newest)."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default: RUN/samples/<settings>)."),
-    runs_dir: Path = typer.Option(Path("runs"), help="Where runs live."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    runs_dir: Path = RUNS_DIR,
+    progress: bool = PROGRESS,
 ):
     """Sample from a trained run: grid.png, images/, progression.png."""
     from .runs import find_run, load_run, sampling_parts, settings_name
@@ -119,15 +128,15 @@ def sample(
 # ---------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
-    run: Optional[str] = typer.Argument(None, help="Run directory or name (default: the most recent run)."),
+    run: Optional[str] = RUN_ARGUMENT,
     num_samples: Optional[int] = typer.Option(
         None, "--num-samples", "--num-images", "-n",
         help="Samples to draw (eval.num_samples, default 1000; the paper: 50000); with --samples-dir: "
              "the first N found (default all)."),
-    steps: Optional[int] = typer.Option(None, help="Respaced sampling steps K (change steps are added)."),
-    noise: Optional[str] = typer.Option(None, help="Posterior noise on change steps: exact | lanczos."),
-    method: Optional[str] = typer.Option(None, help="ancestral | ddim (docs/sampling.md)."),
-    eta: Optional[float] = typer.Option(None, help="ddim noise in [0, 1]: 0 deterministic, 1 ancestral."),
+    steps: Optional[int] = STEPS,
+    noise: Optional[str] = NOISE,
+    method: Optional[str] = METHOD,
+    eta: Optional[float] = ETA,
     seed: Optional[int] = typer.Option(None, help="Sampling seed (also seeds the KID subsets)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per sampling batch."),
     chunk_size: Optional[int] = typer.Option(
@@ -144,8 +153,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(
         None, help="Output folder for samples and metrics.json (default: RUN/eval/<settings>, "
                    "or --samples-dir); an interrupted evaluation resumes there."),
-    runs_dir: Path = typer.Option(Path("runs"), help="Where runs live."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    runs_dir: Path = RUNS_DIR,
+    progress: bool = PROGRESS,
 ):
     """Sample quality: FID, KID, precision/recall (with the Inception weights) and weights-free measures."""
     from .evaluation import EvaluationError, evaluate as run_evaluation, format_report
@@ -204,7 +213,7 @@ def import_(
     pipeline: Optional[Path] = typer.Option(
         None, help="The pipeline it was trained with (default: found from the tensor shapes and file name)."),
     name: Optional[str] = typer.Option(None, help="Run name (default: the checkpoint's file stem)."),
-    runs_dir: Path = typer.Option(Path("runs"), help="Where runs live."),
+    runs_dir: Path = RUNS_DIR,
 ):
     """Turn an official (PyTorch) SSD checkpoint into a run: sample and evaluate it."""
     from .importer import import_checkpoint, summarize_unused
@@ -222,7 +231,7 @@ def import_(
 
 # ---------------------------------------------------------------------------- runs
 @app.command()
-def runs(runs_dir: Path = typer.Option(Path("runs"), help="Where runs live.")):
+def runs(runs_dir: Path = RUNS_DIR):
     """List runs with their newest checkpoint."""
     from .runs import list_runs
 

@@ -96,6 +96,9 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Ints = tuple[Int, ...]  # a TOML list of integers, stored as a tuple
 PositiveInts = tuple[Annotated[int, Strict(), Field(gt=0)], ...]
+#: how the network runs on torch: "trace" replays a torch.jit.trace of each path, "eager"
+#: calls the Keras model; jax and tensorflow compile either way (docs/design.md, Speed)
+Graph = Literal["trace", "eager"]
 
 
 def _section(cls):
@@ -202,6 +205,9 @@ class TrainConfig:
     keep_checkpoints: Int = Field(3, ge=1)
     milestones: PositiveInts = Field((), description="steps whose checkpoints are kept")
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    graph: Graph = Field("trace", description="torch: forward passes replay a torch.jit.trace "
+                                             "of each path (same gradients); only when "
+                                             "model.dropout = 0")
 
 
 @_section
@@ -219,10 +225,8 @@ class SamplerConfig:
     num_images: Int = Field(16, gt=0)
     batch_size: Int = Field(16, gt=0)
     seed: Int = Field(0, ge=0)
-    graph: Literal["trace", "eager"] = Field(
-        "trace", description="torch: replay each path from a torch.jit.trace (about 2x faster "
-                             "than eager Keras); eager: call the Keras model. jax and tensorflow "
-                             "compile either way (docs/design.md, Speed)")
+    graph: Graph = Field("trace", description="torch: the network replays a torch.jit.trace "
+                                             "of each path (about 2x faster than eager Keras)")
 
 
 @_section

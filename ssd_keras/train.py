@@ -97,7 +97,9 @@ class Trainer:
                 if self.dist.rank:
                     self.state.offset_seed_states(self.dist.rank)
             # the optimisation step: one process, or the ranks averaging their gradients
-            gradients = PathGradients(self.model, self._loss_fn)
+            # a trace would freeze dropout masks: traced forward passes only without dropout
+            graph = cfg.train.graph if cfg.model.dropout == 0 else "eager"
+            gradients = PathGradients(self.model, self._loss_fn, graph)
             if self.dist.world_size > 1:
                 self._step_fn = DataParallelStep(self.state, self.objective, gradients, cfg,
                                                  self.dist, self.signals, self._jax_distribution)

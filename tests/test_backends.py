@@ -201,6 +201,48 @@ def test_a_trace_that_disagrees_with_the_model_is_not_used():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
+def test_traced_training_forward_gives_the_eager_loss_and_gradients():
+    """Every path: the replayed trace gives the eager loss and gradients, also after the
+    weights changed (the trace reads the live parameters while autograd records)."""
+    u = tiny_unet(seed=7)
+    for key in u.path_keys:
+        path = u.path(*key)
+        eager = backend.make_loss_and_grads(path, mse, "eager")
+        traced = backend.make_loss_and_grads(path, mse, "trace")
+        args = batch(*key)
+        for change in range(2):
+            for _ in range(2):  # the first call traces, the second replays
+                loss_t, grads_t = traced(*args)
+            loss_e, grads_e = eager(*args)
+            np.testing.assert_allclose(float(loss_t), float(loss_e), rtol=1e-6, err_msg=str(key))
+            for a, b in zip(grads_t, grads_e):
+                np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b),
+                                           rtol=0, atol=1e-6, err_msg=str(key))
+            for v, g in zip(path.trainable_variables, grads_e):  # a plain SGD step
+                v.assign(v.value - 0.5 * g)
+
+
+def test_the_trainer_traces_only_paths_without_dropout(tmp_path):
+    from ssd_keras.config import from_dict
+    from ssd_keras.train import Trainer
+
+    def graph_of(dropout):
+        cfg = from_dict({"run": {"name": f"d{dropout}", "output_dir": str(tmp_path)},
+                         "process": {"image_size": 8, "levels": 2},
+                         "model": {"base_channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1,
+                                   "attention_resolutions": [], "dropout": dropout},
+                         "train": {"batch_size": 2}})
+        trainer = Trainer(cfg, progress=False)
+        try:
+            return trainer._step_fn.gradients.graph
+        finally:
+            trainer.close()
+
+    assert graph_of(0.0) == "trace"
+    assert graph_of(0.1) == "eager"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
 def test_traced_paths_are_kept_with_the_model_across_sampling_calls():
     u = tiny_unet(seed=5)
     path = u.path(8, 8)

@@ -277,23 +277,23 @@ def _produce(gen, q: queue.Queue, stop: threading.Event):
     """Background thread: run the batch generator into the queue until stopped."""
     try:
         for item in gen:
-            while not stop.is_set():
-                try:
-                    q.put(("batch", item), timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
+            if not _put(q, ("batch", item), stop) or stop.is_set():
                 return
     except BaseException as e:  # hand every failure to the consumer
-        while not stop.is_set():
-            try:
-                q.put(("error", e), timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        _put(q, ("error", e), stop)
     finally:
         gen.close()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` into ``q``, waiting in 0.1 s slices; ``False`` if stopped first."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 class ImageBatches:

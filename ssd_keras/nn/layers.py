@@ -52,8 +52,18 @@ def _dense(units, name, dtype, zero=False):
     return Linear(units, zero_init=zero, name=name, dtype=dtype)
 
 
+class _Configured(keras.layers.Layer):
+    """A layer whose ``get_config`` adds its constructor arguments named in
+    ``config_keys`` (attributes of the same names) to Keras's own."""
+
+    config_keys: tuple = ()
+
+    def get_config(self):
+        return {**super().get_config(), **{k: getattr(self, k) for k in self.config_keys}}
+
+
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class Conv(keras.layers.Layer):
+class Conv(_Configured):
     """2-D convolution of a channels-last tensor with torch's padding (``kernel_size // 2``
     on every side; ADM's ``conv_nd(..., padding=1)`` and its stride-2 ``Downsample``).
 
@@ -62,6 +72,8 @@ class Conv(keras.layers.Layer):
     ``ssd_keras.backend.conv2d`` (on torch: one oneDNN channels-last convolution, bias
     included, no layout copies; docs/design.md "Speed").
     """
+
+    config_keys = ("filters", "kernel_size", "strides", "zero_init")
 
     def __init__(self, filters, kernel_size, strides=1, zero_init=False, **kwargs):
         super().__init__(**kwargs)
@@ -88,14 +100,12 @@ class Conv(keras.layers.Layer):
 
         return (input_shape[0], out(input_shape[1]), out(input_shape[2]), self.filters)
 
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
-                "strides": self.strides, "zero_init": self.zero_init}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class Linear(keras.layers.Layer):
+class Linear(_Configured):
     """``x @ kernel + bias`` over the last axis (``keras.layers.Dense``'s variables)."""
+
+    config_keys = ("units", "zero_init")
 
     def __init__(self, units, zero_init=False, **kwargs):
         super().__init__(**kwargs)
@@ -114,18 +124,17 @@ class Linear(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units, "zero_init": self.zero_init}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class GroupNorm(keras.layers.Layer):
+class GroupNorm(_Configured):
     """GroupNorm(groups) over the last axis, computed in float32 (ADM's GroupNorm32).
 
     ``gamma``/``beta`` are float32 and never autocast; the output is cast back to the
     input's dtype. The kernel is ``ssd_keras.backend.group_norm`` (native torch kernel
     on torch, ``keras.ops`` elsewhere).
     """
+
+    config_keys = ("groups", "epsilon")
 
     def __init__(self, groups=32, epsilon=1e-5, **kwargs):
         kwargs.setdefault("autocast", False)
@@ -161,18 +170,17 @@ class GroupNorm(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class TimestepEmbedding(keras.layers.Layer):
+class TimestepEmbedding(_Configured):
     """ADM ``timestep_embedding`` (cos | sin, max_period 10000) then ``time_embed`` MLP.
 
     ``t`` (B,) holds the original timestep indices as floats; the sinusoids are computed
     in float32 whatever the policy (bfloat16 cannot even represent t = 999 exactly).
     Sub-layers: ``time_embed.0`` (Dense), SiLU, ``time_embed.2`` (Dense).
     """
+
+    config_keys = ("model_channels", "embed_dim", "max_period")
 
     def __init__(self, model_channels, embed_dim, max_period=10000.0, **kwargs):
         kwargs.setdefault("autocast", False)
@@ -201,17 +209,9 @@ class TimestepEmbedding(keras.layers.Layer):
         emb = ops.cast(self.sinusoids(t), self.compute_dtype)
         return self.linear_2.call(ops.silu(self.linear_0.call(emb)))
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "model_channels": self.model_channels,
-            "embed_dim": self.embed_dim,
-            "max_period": self.max_period,
-        }
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class ResBlock(keras.layers.Layer):
+class ResBlock(_Configured):
     """ADM ResBlock with scale-shift norm, called as ``block(x, emb, training=...)``.
 
     ``h = conv3x3(SiLU(GN(x)))``; ``scale, shift = Dense(SiLU(emb))``;
@@ -221,6 +221,8 @@ class ResBlock(keras.layers.Layer):
     (Dense), ``out_layers.0`` (GN), ``out_layers.2`` (Dropout), ``out_layers.3`` (conv),
     ``skip_connection`` (1x1 conv).
     """
+
+    config_keys = ("out_channels", "dropout", "use_scale_shift_norm")
 
     def __init__(self, out_channels, dropout=0.0, use_scale_shift_norm=True, **kwargs):
         super().__init__(**kwargs)
@@ -278,17 +280,9 @@ class ResBlock(keras.layers.Layer):
     def compute_output_shape(self, x_shape, emb_shape):
         return tuple(x_shape[:-1]) + (self.out_channels,)
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "out_channels": self.out_channels,
-            "dropout": self.dropout,
-            "use_scale_shift_norm": self.use_scale_shift_norm,
-        }
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class AttentionBlock(keras.layers.Layer):
+class AttentionBlock(_Configured):
     """ADM AttentionBlock: multi-head self-attention over all spatial positions.
 
     ``qkv`` (Dense 3C, ADM's 1x1 conv1d) uses ADM's *legacy* channel layout
@@ -298,6 +292,8 @@ class AttentionBlock(keras.layers.Layer):
     Heads: ``num_heads``, or ``channels // num_head_channels`` when
     ``num_head_channels != -1`` (as ADM).
     """
+
+    config_keys = ("num_heads", "num_head_channels")
 
     def __init__(self, num_heads=1, num_head_channels=-1, **kwargs):
         super().__init__(**kwargs)
@@ -345,21 +341,16 @@ class AttentionBlock(keras.layers.Layer):
     def compute_output_shape(self, x_shape):
         return x_shape
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "num_heads": self.num_heads,
-            "num_head_channels": self.num_head_channels,
-        }
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class Downsample(keras.layers.Layer):
+class Downsample(_Configured):
     """ADM Downsample with ``conv_resample``: 3x3 conv, stride 2, padding 1 (``op``).
 
     The padding is symmetric like torch's ``padding=1`` (Keras's "same" with stride 2
     would pad only bottom/right and shift the sampling grid); ``Conv`` pads so.
     """
+
+    config_keys = ("channels",)
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
@@ -378,13 +369,12 @@ class Downsample(keras.layers.Layer):
 
         return (x_shape[0], half(x_shape[1]), half(x_shape[2]), self.channels)
 
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class Upsample(keras.layers.Layer):
+class Upsample(_Configured):
     """ADM Upsample with ``conv_resample``: nearest 2x, then a 3x3 conv (``conv``)."""
+
+    config_keys = ("channels",)
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
@@ -403,16 +393,15 @@ class Upsample(keras.layers.Layer):
 
         return (x_shape[0], double(x_shape[1]), double(x_shape[2]), self.channels)
 
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class OutputHead(keras.layers.Layer):
+class OutputHead(_Configured):
     """ADM ``out``: GN (``out.0``), SiLU, zero-initialized 3x3 conv (``out.2``).
 
     The result is cast to float32 (the usual last step of a mixed-precision model).
     """
+
+    config_keys = ("out_channels",)
 
     def __init__(self, out_channels, **kwargs):
         super().__init__(**kwargs)
@@ -427,17 +416,16 @@ class OutputHead(keras.layers.Layer):
     def call(self, x):
         return ops.cast(self.conv.call(ops.silu(self.norm.call(x))), "float32")
 
-    def get_config(self):
-        return {**super().get_config(), "out_channels": self.out_channels}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class ZeroSkip(keras.layers.Layer):
+class ZeroSkip(_Configured):
     """Zero-filled skip tensor (B, H, W, channels) shaped like its input's batch/space.
 
     Fed to the decoder blocks of a path's output level when the encoder never ran at
     that resolution (resolution-increasing paths).
     """
+
+    config_keys = ("channels",)
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
@@ -450,17 +438,16 @@ class ZeroSkip(keras.layers.Layer):
     def compute_output_shape(self, h_shape):
         return tuple(h_shape[:-1]) + (self.channels,)
 
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
-class ResizeInput(keras.layers.Layer):
+class ResizeInput(_Configured):
     """Bilinear resize (half-pixel centers, no antialiasing) to ``size x size``.
 
     Used by the official code's full-resolution change step, which upsamples x_t to
     the full resolution and runs the plain full-resolution path.
     """
+
+    config_keys = ("size",)
 
     def __init__(self, size, **kwargs):
         super().__init__(**kwargs)
@@ -474,5 +461,3 @@ class ResizeInput(keras.layers.Layer):
     def compute_output_shape(self, x_shape):
         return (x_shape[0], self.size, self.size, x_shape[-1])
 
-    def get_config(self):
-        return {**super().get_config(), "size": self.size}

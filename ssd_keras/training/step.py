@@ -83,9 +83,10 @@ class PathGradients:
     """Per path ``(r_in, r_out)``: its sub-model and its loss-and-gradients function, built
     on first use (jax and tensorflow compile there) and kept."""
 
-    def __init__(self, model, loss_fn):
+    def __init__(self, model, loss_fn, graph: str = "eager"):
         self.model = model
         self.loss_fn = loss_fn
+        self.graph = graph  # torch: "trace" replays a traced forward (backend.make_loss_and_grads)
         self._fns: dict = {}
         self._unions: dict = {}
 
@@ -93,7 +94,7 @@ class PathGradients:
         """``(path model, fn(x, t, target, weight) -> (loss, grads))`` of path ``key``."""
         if key not in self._fns:
             path = self.model.path(*key)
-            self._fns[key] = (path, backend.make_loss_and_grads(path, self.loss_fn))
+            self._fns[key] = (path, backend.make_loss_and_grads(path, self.loss_fn, self.graph))
         return self._fns[key]
 
     def union(self, keys):
