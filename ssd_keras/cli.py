@@ -33,12 +33,17 @@ app = typer.Typer(
 EXIT_USER_ERROR = 2
 SET_HELP = "Override a pipeline key, e.g. --set optimizer.lr=2e-4 (repeatable)."
 
+def _unset(help: str):
+    """An option that is ``None`` unless given (the run's config value then stays)."""
+    return typer.Option(None, help=help)
+
+
 # options that `sample` and `evaluate` share (an OptionInfo can be the default of several)
 RUN_ARGUMENT = typer.Argument(None, help="Run directory or name (default: the most recent run).")
-STEPS = typer.Option(None, help="Respaced sampling steps K (change steps are added).")
-NOISE = typer.Option(None, help="Posterior noise on change steps: exact | lanczos.")
-METHOD = typer.Option(None, help="ancestral | ddim (docs/sampling.md).")
-ETA = typer.Option(None, help="ddim noise in [0, 1]: 0 deterministic, 1 ancestral.")
+STEPS = _unset("Respaced sampling steps K (change steps are added).")
+NOISE = _unset("Posterior noise on change steps: exact | lanczos.")
+METHOD = _unset("ancestral | ddim (docs/sampling.md).")
+ETA = _unset("ddim noise in [0, 1]: 0 deterministic, 1 ancestral.")
 RUNS_DIR = typer.Option(Path("runs"), help="Where runs live.")
 PROGRESS = typer.Option(True, "--progress/--no-progress")
 
@@ -52,7 +57,7 @@ class UserError(Exception):
 def train(
     pipeline: Path = typer.Argument(..., help="Pipeline TOML file (see pipelines/)."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-    steps: Optional[int] = typer.Option(None, help="Train at most this many more steps now."),
+    steps: Optional[int] = _unset("Train at most this many more steps now."),
     fresh: bool = typer.Option(False, "--fresh", help="Refuse to resume: fail if the run has checkpoints."),
     allow_config_change: bool = typer.Option(
         False, "--allow-config-change", help="Resume even if model/process keys changed."
@@ -98,14 +103,14 @@ def sample(
     noise: Optional[str] = NOISE,
     method: Optional[str] = METHOD,
     eta: Optional[float] = ETA,
-    lanczos_iterations: Optional[int] = typer.Option(None, help="Lanczos iterations (paper: 40)."),
+    lanczos_iterations: Optional[int] = _unset("Lanczos iterations (paper: 40)."),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", help="How many images."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    batch_size: Optional[int] = _unset("Images per batch."),
+    seed: Optional[int] = _unset("Sampling seed."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x0 predictions to [-1, 1]."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A checkpoint file (default: the run's newest)."),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: RUN/samples/<settings>)."),
+    checkpoint: Optional[Path] = _unset("A checkpoint file (default: the run's newest)."),
+    out: Optional[Path] = _unset("Output directory (default: RUN/samples/<settings>)."),
     runs_dir: Path = RUNS_DIR,
     progress: bool = PROGRESS,
 ):
@@ -137,22 +142,21 @@ def evaluate(
     noise: Optional[str] = NOISE,
     method: Optional[str] = METHOD,
     eta: Optional[float] = ETA,
-    seed: Optional[int] = typer.Option(None, help="Sampling seed (also seeds the KID subsets)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per sampling batch."),
-    chunk_size: Optional[int] = typer.Option(
-        None, help="Samples per resumable chunk, a multiple of the batch size (eval.chunk_size)."),
-    inception_weights: Optional[Path] = typer.Option(
-        None, help="The standard Inception weights file weights-inception-2015-12-05-6726825d.pth "
-                   "(eval.inception_weights): adds FID, KID, precision/recall (docs/evaluation.md)."),
-    reference: Optional[Path] = typer.Option(
-        None, help="Reference statistics .npz (mu, sigma[, features]) instead of the run's data "
-                   "(eval.reference)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Reference cache (eval.cache_dir)."),
-    samples_dir: Optional[Path] = typer.Option(
-        None, help="Evaluate the PNGs in this folder (or its images/) instead of sampling."),
-    out: Optional[Path] = typer.Option(
-        None, help="Output folder for samples and metrics.json (default: RUN/eval/<settings>, "
-                   "or --samples-dir); an interrupted evaluation resumes there."),
+    seed: Optional[int] = _unset("Sampling seed (also seeds the KID subsets)."),
+    batch_size: Optional[int] = _unset("Images per sampling batch."),
+    chunk_size: Optional[int] = _unset(
+        "Samples per resumable chunk, a multiple of the batch size (eval.chunk_size)."),
+    inception_weights: Optional[Path] = _unset(
+        "The standard Inception weights file weights-inception-2015-12-05-6726825d.pth "
+        "(eval.inception_weights): adds FID, KID, precision/recall (docs/evaluation.md)."),
+    reference: Optional[Path] = _unset("Reference statistics .npz (mu, sigma[, features]) "
+                                       "instead of the run's data (eval.reference)."),
+    cache_dir: Optional[Path] = _unset("Reference cache (eval.cache_dir)."),
+    samples_dir: Optional[Path] = _unset("Evaluate the PNGs in this folder (or its images/) "
+                                         "instead of sampling."),
+    out: Optional[Path] = _unset(
+        "Output folder for samples and metrics.json (default: RUN/eval/<settings>, "
+        "or --samples-dir); an interrupted evaluation resumes there."),
     runs_dir: Path = RUNS_DIR,
     progress: bool = PROGRESS,
 ):
@@ -210,9 +214,9 @@ def _write_samples(model, process, objective, cfg, out: Path, progress: bool) ->
 @app.command("import")
 def import_(
     checkpoint: Path = typer.Argument(..., help="An official SSD checkpoint (a PyTorch state_dict .pt)."),
-    pipeline: Optional[Path] = typer.Option(
-        None, help="The pipeline it was trained with (default: found from the tensor shapes and file name)."),
-    name: Optional[str] = typer.Option(None, help="Run name (default: the checkpoint's file stem)."),
+    pipeline: Optional[Path] = _unset(
+        "The pipeline it was trained with (default: found from the tensor shapes and file name)."),
+    name: Optional[str] = _unset("Run name (default: the checkpoint's file stem)."),
     runs_dir: Path = RUNS_DIR,
 ):
     """Turn an official (PyTorch) SSD checkpoint into a run: sample and evaluate it."""
@@ -247,7 +251,7 @@ def runs(runs_dir: Path = RUNS_DIR):
 def inspect(
     pipeline: Path = typer.Argument(..., help="Pipeline TOML file, or a run directory."),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-    plot: Optional[Path] = typer.Option(None, help="Save r(t) and the per-step cost as an image here."),
+    plot: Optional[Path] = _unset("Save r(t) and the per-step cost as an image here."),
     steps: List[int] = typer.Option([], "--steps", help="Sampling steps K to cost (repeatable; default: T and 250)."),
 ):
     """Levels, r(t), parameters, FLOPs per path, costs relative to DDPM, training memory."""
