@@ -566,6 +566,11 @@ def _validate(cfg: PipelineConfig) -> list[str]:
     if data.source == "tfds" and not data.tfds_name:
         err("data.tfds_name", 'data.source = "tfds" needs data.tfds_name '
                               '(e.g. "celeb_a", "imagenet_resized/64x64", "cifar10")')
+    for key, owner in (("path", "folder"), ("split_file", "folder"), ("tfds_name", "tfds"),
+                       ("tfds_data_dir", "tfds")):
+        if getattr(data, key) and data.source != owner:
+            err(f"data.{key}", f'is only used with data.source = "{owner}" (data.source = '
+                               f'"{data.source}"): remove it, or set the source')
 
     # [process] against [model] (docs/math.md section 2: every level is a UNet feature resolution)
     n_unet = len(m.channel_mult)

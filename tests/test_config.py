@@ -280,7 +280,7 @@ def test_round_trip(tmp_path, path):
 
 def test_round_trip_odd_values(tmp_path):
     cfg = load_pipeline(write(tmp_path, MINIMAL), [
-        'data.path="C:\\\\data\\\\\\"quoted\\" dir\\tτ"', "optimizer.lr=1e-17",
+        "data.source=folder", 'data.path="C:\\\\data\\\\\\"quoted\\" dir\\tτ"', "optimizer.lr=1e-17",
         "optimizer.epsilon=1.5e300", "model.dropout=0", "model.attention_resolutions=[]",
         "train.milestones=[5, 1]",
     ])
@@ -341,6 +341,11 @@ BAD = {
                     ['data.source = "web"', '"digits", "folder", "tfds"']),
     "folder_without_path": (M4 + '[data]\nsource = "folder"\n', ['data.path = ""', "folder"]),
     "tfds_without_name": (M4 + '[data]\nsource = "tfds"\n', ['data.tfds_name = ""', "tfds"]),
+    "path_with_digits": (M4 + '[data]\npath = "images"\n',
+                         ['data.path = "images"', 'only used with data.source = "folder"',
+                          'data.source = "digits"']),
+    "tfds_dir_with_folder": (M4 + '[data]\nsource = "folder"\npath = "x"\ntfds_data_dir = "d"\n',
+                             ['data.tfds_data_dir = "d"', 'only used with data.source = "tfds"']),
     "on_bad_image": (M4 + '[data]\non_bad_image = "warn"\n', ['data.on_bad_image = "warn"', '"skip"']),
     "limit_negative": (M4 + "[data]\nlimit = -1\n", ["data.limit = -1", ">= 0"]),
     "channel_mult_float": (M4 + "[model]\nchannel_mult = [1, 2.5]\n",
@@ -529,7 +534,7 @@ def test_a_config_saved_by_the_old_writer_still_loads():
     saved = Path(__file__).resolve().parent / "data" / "config_written_by_0.1.toml"
     cfg = load_pipeline(saved)
     assert cfg == load_pipeline(PIPELINES / "quickstart.toml", [
-        'data.path="C:\\\\data\\\\\\"quoted\\" dir\\tτ"', "train.milestones=[500, 1000]",
+        "data.source=folder", 'data.path="C:\\\\data\\\\\\"quoted\\" dir\\tτ"', "train.milestones=[500, 1000]",
         "optimizer.epsilon=1.5e300"])
     assert cfg.data.path == 'C:\\data\\"quoted" dir\tτ' and cfg.train.milestones == (500, 1000)
 
