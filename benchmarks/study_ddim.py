@@ -47,7 +47,7 @@ def trained_run(run_dir: str, num_data: int):
     from ssd_keras.builders import build_model, build_process
     from ssd_keras.metrics import draw_data_images
     from ssd_keras.objectives import make_objective
-    from ssd_keras.train import CHANNELS, load_run
+    from ssd_keras.runs import CHANNELS, load_run
 
     cfg, groups, meta, path = load_run(run_dir)
     model = build_model(cfg, precision="float32", channels=CHANNELS)

@@ -191,15 +191,10 @@ def evaluate(
 def _with_options(cfg, path, **sections: dict):
     """``cfg`` with the command line's values for ``section.key`` (None: not given), validated
     as a whole; errors name the checkpoint ``path`` "(with command-line options)"."""
-    from .config import from_dict
-
     given = {name: {k: v for k, v in keys.items() if v is not None} for name, keys in sections.items()}
     if not any(given.values()):
         return cfg
-    d = cfg.to_dict()
-    for name, keys in given.items():
-        d[name].update(keys)
-    return from_dict(d, source=f"{path} (with command-line options)")
+    return cfg.replace(**given, source=f"{path} (with command-line options)")
 
 
 def _write_samples(model, process, objective, cfg, out: Path, progress: bool) -> None:

@@ -349,11 +349,15 @@ class PipelineConfig:
     def model_fingerprint(self) -> dict[str, Any]:
         return {k: _plain(self.get(k)) for k in MODEL_FINGERPRINT_KEYS}
 
-    def replace(self, **sections: Any) -> "PipelineConfig":
-        """``dataclasses.replace`` that accepts dicts of changed keys per section::
+    def replace(self, *, source: str | None = None, **sections: Any) -> "PipelineConfig":
+        """This config with some keys changed, validated as a whole like a loaded file::
 
             cfg.replace(train={"steps": 10}, sampler={"steps": 20})
+
+        A section is given as a mapping of its changed keys (or as a whole section object).
+        Errors name ``source``, which the new config keeps (default: this config's).
         """
+        source = self.source if source is None else source
         new, errors = {}, []
         for name, change in sections.items():
             if name not in SECTIONS:
@@ -364,8 +368,8 @@ class PipelineConfig:
             else:
                 new[name] = change
         if errors:
-            raise _error(self.source, errors)
-        return dataclasses.replace(self, **new)
+            raise _error(source, errors)
+        return dataclasses.replace(self, **new, source=source)
 
 
 def incompatible_keys(old: PipelineConfig | Mapping, new: PipelineConfig | Mapping) -> list[str]:

@@ -165,7 +165,6 @@ def reference_folder(cfg, num_images: int, cache_dir: Path, *, progress: bool = 
     from tqdm.auto import tqdm
 
     from .builders import build_dataset
-    from .config import from_dict
     from .images import save_images
 
     description = reference_description(cfg, num_images)
@@ -173,10 +172,8 @@ def reference_folder(cfg, num_images: int, cache_dir: Path, *, progress: bool = 
     folder = Path(cache_dir) / "reference" / f"{cfg.data.source}{cfg.process.image_size}-{key}"
     if (folder / "reference.json").is_file():
         return folder, json.loads((folder / "reference.json").read_text())
-    d = cfg.to_dict()
-    d["data"]["random_flip"] = False
-    d["run"]["seed"] = REFERENCE_SEED
-    ds = build_dataset(from_dict(d, source="evaluation reference (random_flip = false)"))
+    ds = build_dataset(cfg.replace(data={"random_flip": False}, run={"seed": REFERENCE_SEED},
+                                   source="evaluation reference (random_flip = false)"))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)

@@ -21,7 +21,7 @@ from . import backend, distributed
 from .builders import build_dataset, build_model, build_process
 from .config import PipelineConfig
 from .objectives import make_objective
-from .runs import CHANNELS, load_run
+from .runs import CHANNELS
 from .training.log import LOG_FIELDS, LogWindow, append_row, trim as trim_log
 from .training.run_dir import RunDir, RunDirError
 from .training.signals import Stopped, StopSignals
@@ -29,9 +29,8 @@ from .training.state import TrainState
 from .training.step import (DataParallelStep, NonFiniteLossError, PathGradients, Step, draw,
                             weighted_mse, with_timesteps)
 
-# what other code imports from here (the errors, the log columns; load_run for old callers)
-__all__ = ["Trainer", "Stopped", "NonFiniteLossError", "RunDirError", "LOG_FIELDS", "CHANNELS",
-           "load_run"]
+# what other code imports from here: the trainer, its errors, the log columns
+__all__ = ["Trainer", "Stopped", "NonFiniteLossError", "RunDirError", "LOG_FIELDS"]
 
 
 def _from_state(name: str, doc: str) -> property:

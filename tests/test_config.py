@@ -199,6 +199,19 @@ def test_direct_construction_is_validated():
         cfg.replace(train={"step": 10})
 
 
+def test_replace_validates_the_whole_config_and_names_the_given_source():
+    cfg = load_pipeline(PIPELINES / "quickstart.toml")
+    where = "run/ckpt.npz (with command-line options)"
+    new = cfg.replace(sampler={"steps": 10, "method": "ddim"}, source=where)
+    assert (new.sampler.steps, new.sampler.method, new.source) == (10, "ddim", where)
+    assert new.model == cfg.model and cfg.sampler.method == "ancestral"
+    with pytest.raises(ConfigError, match=r"^run/ckpt.npz \(with command-line options\): "
+                                          r"sampler.eta = 2.0: must be <= 1.0"):
+        cfg.replace(sampler={"eta": 2.0}, source=where)
+    with pytest.raises(ConfigError, match=r"sampler.steps = 5000: .*process.timesteps"):
+        cfg.replace(sampler={"steps": 5000})  # checks across sections run too
+
+
 # --------------------------------------------------------------------------------------
 # overrides
 # --------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_reference_cache_is_reused_and_invalidated_by_preprocessing(setup, capsy
 
     # the key follows the dataset and resolution, not the run's seed or sampler
     from ssd_keras.config import from_dict
-    from ssd_keras.train import load_run
+    from ssd_keras.runs import load_run
 
     cfg = load_run(setup["runs"] / "tiny")[0]
     key = lambda **change: evaluation._key(evaluation.reference_description(  # noqa: E731
