@@ -72,59 +72,59 @@ def sample_images(
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
     rng = np.random.default_rng(seed)
-    pairs = process.reverse_steps(steps or process.timesteps)
-    record_at = progression_steps(pairs, process.change_steps) if record_progression else set()
-    outputs, frames, calls = [], [], 0
-    total = num_images
-    bar = tqdm(total=(len(pairs) + 1) * -(-total // batch_size), desc="sampling", unit="step",
-               disable=not progress, leave=False)
+
+    def normal(b: int, t: int):
+        """Standard normal noise for ``b`` images at resolution ``r(t)``, from the seeded host RNG."""
+        r = int(process.r[t])
+        return ops.convert_to_tensor(rng.standard_normal((b, r, r, channels)), dtype="float32")
 
     networks = {}  # path -> its inference function (traced or compiled once per path and shape)
 
-    def x0_prediction(x, t):
+    def denoise(x, t):
+        """The network's x0 prediction at ``r(s)`` (docs/math.md eq. 9), clipped (section 5)."""
         key = process.path_at(t)
         if key not in networks:
             networks[key] = backend.inference_fn(model.path(*key), graph)
-        t_vec = ops.full((x.shape[0],), float(t), dtype="float32")
-        pred = networks[key](x, t_vec)
+        pred = networks[key](x, ops.full((x.shape[0],), float(t), dtype="float32"))
         x0_hat = objective.to_x0(ops.cast(pred, "float32"), x, t)
         return ops.clip(x0_hat, -1.0, 1.0) if clip else x0_hat
 
-    while total > 0:
-        b = min(batch_size, total)
-        r_top = int(process.r[pairs[0][0]]) if pairs else process.image_size
-        x = ops.convert_to_tensor(rng.standard_normal((b, r_top, r_top, channels)), dtype="float32")
+    def reverse_step(x0_hat, x, t, s):
+        """``x_t -> x_s`` for the kept pair ``t > s`` (docs/math.md section 7)."""
+        change = int(process.r[s]) != int(process.r[t])
+        with backend.no_grad():
+            if method == "ddim":  # keeps q(x_s | x0) (docs/sampling.md eq. 1, sections 2-3)
+                step_eta = eta if change_eta is None or not change else change_eta
+                xi = normal(x.shape[0], s) if change or step_eta > 0 else None
+                return process.ddim_step(x0_hat, x, xi, t, s, eta=step_eta)
+            # ancestral: the posterior mean (eq. 10) plus noise of covariance (eq. 11), drawn
+            # from xi exactly (eq. 13) or by Lanczos (eq. 12); DDPM's own step off change steps
+            xi = normal(x.shape[0], s)
+            return process.posterior_mean(x0_hat, x, t, s) + process.posterior_noise(
+                xi, t, s, method=noise, iterations=lanczos_iterations, variance=variance)
+
+    pairs = process.reverse_steps(steps or process.timesteps)  # respaced (docs/math.md section 7)
+    record_at = progression_steps(pairs, process.change_steps) if record_progression else set()
+    batches = [min(batch_size, num_images - i) for i in range(0, num_images, batch_size)]
+    bar = tqdm(total=(len(pairs) + 1) * len(batches), desc="sampling", unit="step",
+               disable=not progress, leave=False)
+    outputs, frames, calls = [], [], 0
+    for b in batches:
+        # x_T ~ N(0, I) at r(T-1), the coarsest resolution: the forward marginal (eq. 8)
+        # there, where a_t is almost 0
+        x = normal(b, pairs[0][0] if pairs else 0)
         for t, s in pairs:
-            x0_hat = x0_prediction(x, t)
-            calls += 1
+            x0_hat = denoise(x, t)
             if t in record_at and not outputs:
                 frames.append({"t": t, "x_t": _np(x), "x0_hat": _np(x0_hat)})
-            change = int(process.r[s]) != int(process.r[t])
-            if method == "ddim":
-                step_eta = eta if change_eta is None or not change else change_eta
-                xi = None
-                if change or step_eta > 0:
-                    xi = ops.convert_to_tensor(
-                        rng.standard_normal((b, int(process.r[s]), int(process.r[s]), channels)),
-                        dtype="float32")
-                with backend.no_grad():
-                    x = process.ddim_step(x0_hat, x, xi, t, s, eta=step_eta)
-                bar.update(1)
-                continue
-            xi = rng.standard_normal((b, int(process.r[s]), int(process.r[s]), channels))
-            with backend.no_grad():
-                x = process.posterior_mean(x0_hat, x, t, s) + process.posterior_noise(
-                    ops.convert_to_tensor(xi, dtype="float32"), t, s,
-                    method=noise, iterations=lanczos_iterations, variance=variance,
-                )
+            x = reverse_step(x0_hat, x, t, s)
             bar.update(1)
-        final = x0_prediction(x, 0)
-        calls += 1
+        final = denoise(x, 0)  # the last step returns the clipped x0 prediction, no noise (section 5)
+        calls += len(pairs) + 1
         bar.update(1)
         if record_progression and not outputs:
             frames.append({"t": 0, "x_t": _np(x), "x0_hat": _np(final)})
         outputs.append(_np(final))
-        total -= b
     bar.close()
     return SampleResult(np.concatenate(outputs, 0), frames, calls)
 
