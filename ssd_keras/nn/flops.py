@@ -78,7 +78,13 @@ def layer_flops(layer, input_shapes, output_shapes):
 
 
 def graph_nodes(model):
-    """Nodes of a Functional ``model`` (each once), walking back from its outputs."""
+    """Nodes of a Functional ``model`` (each once), walking back from its outputs.
+
+    Keras has no public graph walk for a model whose layers are shared with other models
+    (each layer then has several nodes), so this reads ``KerasTensor._keras_history`` and
+    ``Operation._inbound_nodes``; ``pyproject.toml`` bounds Keras to the versions
+    ``tests/test_flops.py`` passed on.
+    """
     input_ids = {id(t) for t in model.inputs}
     seen, nodes = set(), []
     stack = list(model.outputs)
