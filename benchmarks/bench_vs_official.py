@@ -85,7 +85,8 @@ def main() -> None:
                     help="checkout of github prateksha/ScaleSpaceDiffusion (else: plain-torch twin)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of training steps")
     ap.add_argument("--sample-steps", default="100,1000", help="K values for end-to-end sampling")
-    ap.add_argument("--sample-rounds", type=int, default=1, help="interleaved sampling rounds per K")
+    ap.add_argument("--sample-rounds", type=int, default=3,
+                    help="interleaved sampling rounds per K (medians; one round swings by 20%% on a shared CPU)")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("train", "sample"), default=None)

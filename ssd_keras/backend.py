@@ -11,7 +11,8 @@ here, each with one branch per Keras backend (torch, jax, tensorflow):
   ``optimizer.apply`` inside a ``StatelessScope``) once per path; tensorflow traces both
   into ``tf.function`` graphs once per path. Only the path's variables and their optimizer
   slots change: every other variable stays bit-identical on all three backends;
-- ``inference_fn``: a compiled ``model([x, t], training=False)`` for the sampler;
+- ``inference_fn``: a compiled ``model([x, t], training=False)`` for the sampler (on the
+  CPU under torch, the batch split over single-threaded workers);
 - ``no_grad``: a context that records no autograd graph (torch only).
 
 Random numbers: the training and sampling noise of ``ssd_keras`` is drawn with numpy on
@@ -23,6 +24,7 @@ threaded through ``stateless_call`` explicitly, so each step gets fresh masks.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import keras
 from keras import ops
@@ -337,7 +339,8 @@ def inference_fn(model, graph: str = "trace"):
     """``fn(x, t) -> model([x, t], training=False)``, compiled where that pays.
 
     torch: with ``graph="trace"`` (the default) a ``torch.jit.trace`` of the path per input
-    shape (``_traced_call``), with ``"eager"`` an eager call without autograd.
+    shape (``_traced_call``), replayed on the CPU one chunk of the batch per torch thread
+    (``_batch_parallel``); with ``"eager"`` an eager call without autograd.
     jax: ``jax.jit`` of ``stateless_call`` with the model's current variable values passed
     in on each call (later ``assign``s are seen). tensorflow: a ``tf.function`` graph
     (variables are captured by reference). Each distinct input shape compiles once.
@@ -369,9 +372,13 @@ def inference_fn(model, graph: str = "trace"):
         if fn is None:
             traced = _traced_call(model, training=False)
 
-            def fn(x, t):
-                with torch.no_grad():
+            def replay(x, t):
+                with torch.no_grad():  # grad mode is per thread: set it where the call runs
                     return traced(x, t)
+
+            def fn(x, t):
+                with torch.no_grad():  # the grad mode needs_tracing keys on
+                    return _batch_parallel(replay, traced.needs_tracing, x, t)
 
             object.__setattr__(model, "_ssd_traced_inference", fn)  # bypass Keras tracking
         return fn
@@ -381,6 +388,72 @@ def inference_fn(model, graph: str = "trace"):
             return model([x, t], training=False)
 
     return call
+
+
+def _batch_parallel(fn, needs_tracing, x, t):
+    """``fn(x, t)`` for a batch on the CPU, split over torch's threads (inter-op parallelism).
+
+    Under ``OMP_WAIT_POLICY=PASSIVE`` every multi-threaded op of a small batch pays for
+    waking the other thread, which cost as much as the second thread saved (a 32 px path at
+    batch 8: 44 ms on one thread, 43 ms on two). Splitting the batch into one chunk per
+    thread, each run single-threaded by ``_CpuWorkers``, keeps every core busy without
+    those wake-ups: 1.45x faster per path here (docs/design.md "Speed"). Each image's
+    computation is independent of the others', so the result is the unsplit one up to
+    float rounding (oneDNN may choose another kernel for another batch size; a given
+    batch and thread count always gives the same result). Chunks whose shape is not
+    traced yet (``needs_tracing``) run here, in order, so
+    that tracing and its eager check stay on the calling thread; GPU tensors and single
+    images are not split.
+    """
+    k = min(torch.get_num_threads(), int(x.shape[0]))
+    if k < 2 or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return fn(x, t)
+    xs, ts = torch.tensor_split(x, k), torch.tensor_split(t, k)
+    if any(needs_tracing(a, b) for a, b in zip(xs, ts)):
+        return torch.cat([fn(a, b) for a, b in zip(xs, ts)])
+    return torch.cat(list(_CpuWorkers.get(k).map(fn, xs, ts)))
+
+
+class _CpuWorkers:
+    """``k`` threads that each run torch ops single-threaded, shared by every model (a
+    forked child starts its own: it has none of its parent's threads)."""
+
+    _pools: dict = {}
+
+    @classmethod
+    def get(cls, k: int):
+        if k not in cls._pools:
+            cls._pools[k] = cls._start(k)
+        return cls._pools[k]
+
+    @staticmethod
+    def _start(k: int):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        started = threading.Barrier(k + 1)
+
+        def single_threaded():
+            # torch sets a thread's counts on its first parallel op from a process-wide
+            # value (which the caller gets back below): take that first, then go to one
+            torch.get_num_threads()
+            torch.set_num_threads(1)  # this thread's OpenMP and MKL thread counts
+            started.wait()
+
+        pool = ThreadPoolExecutor(k, thread_name_prefix="ssd-inference", initializer=single_threaded)
+        waiting = [pool.submit(lambda: None) for _ in range(k)]  # start all k threads now
+        started.wait()
+        for f in waiting:
+            f.result()
+        # torch.set_num_threads also sets the count that threads started later begin
+        # with: give that back to the caller's
+        torch.set_num_threads(threads)
+        return pool
+
+
+if BACKEND == "torch":
+    os.register_at_fork(after_in_child=_CpuWorkers._pools.clear)
 
 
 def _traced_call(model, training: bool = False):
@@ -413,14 +486,17 @@ def _traced_call(model, training: bool = False):
     params = [v.value for v in model.variables]
     traced_at: list = [None]  # the parameters' versions the traces were made with
 
-    def call(x, t):
+    def key_of(x, t):
         grad = torch.is_grad_enabled()
         if not grad:
             versions = tuple(p._version for p in params)
             if versions != traced_at[0]:
                 traces.clear()
                 traced_at[0] = versions
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, grad)
+        return (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, grad)
+
+    def call(x, t):
+        key = key_of(x, t)
         # optimized_execution(False): TorchScript's profiling executor would re-specialise
         # and fuse the graph on its first calls, which cost seconds per call here (the
         # plain interpreter runs a 32 px path at half the eager time from the 2nd call)
@@ -446,6 +522,12 @@ def _traced_call(model, training: bool = False):
             traces[key] = traced if ok else wrapper
             return eager
 
+    def needs_tracing(x, t) -> bool:
+        """Whether the next call with inputs shaped as ``(x, t)`` (under the current grad
+        mode) traces, or runs eagerly because tracing failed for that shape."""
+        return traces.get(key_of(x, t), wrapper) is wrapper
+
+    call.needs_tracing = needs_tracing
     return call
 
 

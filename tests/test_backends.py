@@ -243,6 +243,92 @@ def test_the_trainer_traces_only_paths_without_dropout(tmp_path):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
+@pytest.mark.parametrize("threads, n", [(2, 5), (3, 7), (4, 3)])
+def test_traced_inference_splits_the_batch_over_threads_with_the_same_result(threads, n, monkeypatch):
+    """On the CPU the traced replay runs one chunk of the batch per torch thread, each on
+    a single-threaded worker: the outputs equal the whole batch's on one thread (to float
+    rounding: oneDNN may pick another kernel for another batch size), chunks of unequal
+    size included, and the chunks really ran on the workers."""
+    import threading
+
+    import torch
+
+    u = tiny_unet(seed=8)
+    path = u.path(16, 16)
+    x, t, _, _ = batch(16, 16, n=n, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            whole = backend._traced_call(path)
+            whole(x, t)  # traces
+            expected = ops.convert_to_numpy(whole(x, t))  # one thread, no split
+        torch.set_num_threads(threads)
+        fn = backend.inference_fn(path, "trace")
+        ran_on = []
+        pools = backend._CpuWorkers
+
+        class Spy:
+            def __init__(self, pool):
+                self.pool = pool
+
+            def map(self, f, *chunks):
+                def recorded(*args):
+                    ran_on.append((threading.current_thread().name, torch.get_num_threads(),
+                                   int(args[0].shape[0])))
+                    return f(*args)
+                return self.pool.map(recorded, *chunks)
+
+        monkeypatch.setattr(pools, "get", classmethod(lambda cls, k: Spy(pools._start(k))))
+        first = ops.convert_to_numpy(fn(x, t))  # traces each chunk shape, on this thread
+        assert ran_on == []
+        again = ops.convert_to_numpy(fn(x, t))  # replays the chunks on the workers
+        assert torch.get_num_threads() == threads  # the caller's thread count is kept
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(again, first)  # the same chunks, replayed
+    k = min(threads, n)
+    assert sorted(size for _, _, size in ran_on) == sorted(len(c) for c in np.array_split(np.arange(n), k))
+    assert all(name.startswith("ssd-inference") and count == 1 for name, count, _ in ran_on), ran_on
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
+def test_a_forked_child_samples_with_fresh_worker_threads():
+    """The parent's inference workers are threads a forked child does not have: the child
+    starts its own instead of waiting forever on the parent's."""
+    import multiprocessing
+
+    import torch
+
+    u = tiny_unet(seed=9)
+    fn = backend.inference_fn(u.path(8, 8), "trace")
+    x, t, _, _ = batch(8, 8, n=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fn(x, t)
+        expected = ops.convert_to_numpy(fn(x, t))  # the parent's workers exist now
+        assert backend._CpuWorkers._pools
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+
+        def child():
+            queue.put(ops.convert_to_numpy(fn(x, t)))
+
+        proc = ctx.Process(target=child)
+        proc.start()
+        proc.join(120)
+        alive = proc.is_alive()
+        if alive:
+            proc.kill()
+        assert not alive and proc.exitcode == 0
+        np.testing.assert_array_equal(queue.get(timeout=10), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="tracing is torch's graph mode")
 def test_traced_paths_are_kept_with_the_model_across_sampling_calls():
     u = tiny_unet(seed=5)
     path = u.path(8, 8)
