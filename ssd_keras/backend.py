@@ -401,12 +401,13 @@ def _batch_parallel(fn, needs_tracing, x, t):
     computation is independent of the others', so the result is the unsplit one up to
     float rounding (oneDNN may choose another kernel for another batch size; a given
     batch and thread count always gives the same result). Chunks whose shape is not
-    traced yet (``needs_tracing``) run here, in order, so
-    that tracing and its eager check stay on the calling thread; GPU tensors and single
-    images are not split.
+    traced yet (``needs_tracing``) run here, in order, so that tracing and its eager
+    check stay on the calling thread; GPU tensors and single images are not split.
     """
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return fn(x, t)
     k = min(torch.get_num_threads(), int(x.shape[0]))
-    if k < 2 or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+    if k < 2:
         return fn(x, t)
     xs, ts = torch.tensor_split(x, k), torch.tensor_split(t, k)
     if any(needs_tracing(a, b) for a, b in zip(xs, ts)):
