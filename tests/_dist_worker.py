@@ -6,7 +6,8 @@
   records the paths it drew and every write it attempted, and dumps its weights, EMA and
   optimizer state to ``OUT/rank{r}.npz``.
 - ``same_path``: ``STEPS`` steps on fixed batches (``fixed_step``) where both ranks use the
-  same path: rank r trains on its half of the batch; dumps as above.
+  same path: rank r trains on its half of the batch; dumps as above, plus the loss and
+  the gradients applied in the first step (``loss0``, ``g<index>``, see ``record_first_step``).
 """
 
 import builtins
@@ -28,10 +29,31 @@ def fixed_step(process, step: int, batch: int):
     return x0, t, noise
 
 
-def dump(trainer, path):
+def record_first_step(trainer) -> dict:
+    """Record the gradients the trainer applies in its first step, keyed ``g<index>`` by the
+    variable's index in ``model.trainable_variables`` (the ones off the path are absent).
+    These are what data parallelism must get right: after an AdamW step, rounding-level
+    gradient differences can grow to ``lr`` (tests/_tolerance.py)."""
     from keras import ops
 
-    arrays = {}
+    recorded = {}
+    index = {id(v): i for i, v in enumerate(trainer.model.trainable_variables)}
+    real_apply = trainer._step_fn.apply
+
+    def recording_apply(grads, variables):
+        if not recorded:
+            for v, g in zip(variables, grads):
+                recorded[f"g{index[id(v)]:04d}"] = ops.convert_to_numpy(g)
+        return real_apply(grads, variables)
+
+    trainer._step_fn.apply = recording_apply
+    return recorded
+
+
+def dump(trainer, path, extra=None):
+    from keras import ops
+
+    arrays = dict(extra or {})
     for i, v in enumerate(trainer.model.trainable_variables):
         arrays[f"w{i:04d}"] = ops.convert_to_numpy(v.value)
     for i, e in enumerate(trainer.ema):
@@ -64,6 +86,7 @@ def main(mode, pipeline, out, steps):
     cfg = load_pipeline(pipeline)
     trainer = Trainer(cfg, progress=False)
     paths = []
+    first_step = {}
     try:
         if mode == "state":
             draw = trainer._draw
@@ -78,14 +101,17 @@ def main(mode, pipeline, out, steps):
         else:
             b, n = cfg.train.batch_size, trainer.dist.world_size
             half = slice(rank * b // n, (rank + 1) * b // n)
+            first_step = record_first_step(trainer)
             for s in range(steps):
                 x0, t, noise = fixed_step(trainer.process, s, b)
                 key = trainer.process.path_at(int(t[0]))
                 trainer._draw = lambda batch, t=t, key=key, noise=noise: (t[half], key, noise[half])
-                trainer.train_step(x0[half])
+                loss, _, _ = trainer.train_step(x0[half])
+                if s == 0:
+                    first_step["loss0"] = np.float64(loss)
         if rank != 0:
             builtins.open = real_open
-        dump(trainer, os.path.join(out, f"rank{rank}.npz"))
+        dump(trainer, os.path.join(out, f"rank{rank}.npz"), first_step)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump({"paths": paths, "writes": writes, "step": trainer.step,
                        "world_size": trainer.dist.world_size}, f)

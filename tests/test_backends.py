@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from _tolerance import assert_rounding_close, network_tolerance, rms
 from ssd_keras import backend
 from ssd_keras.nn import FlexiUNet
 
@@ -383,8 +384,10 @@ PIPELINE = {
 }
 
 # Runs in a fresh interpreter under KERAS_BACKEND=<backend>: load the run's checkpoint,
-# evaluate every path of the model and of its EMA on fixed inputs, sample with both noise
-# samplers, then resume training for two steps and record the weights.
+# record the restored optimizer state, evaluate every path of the model and of its EMA on
+# fixed inputs, sample with both noise samplers, then resume training for two steps and
+# record the loss and gradients of the first (weights after AdamW steps are not compared:
+# tests/_tolerance.py).
 PROBE = textwrap.dedent(
     """
     import json, shutil, sys
@@ -392,6 +395,8 @@ PROBE = textwrap.dedent(
     import numpy as np
     import keras
     from keras import ops
+    sys.path.insert(0, sys.argv[4])
+    from _dist_worker import record_first_step
     from ssd_keras.config import from_dict
     from ssd_keras.sample import sample_images
     from ssd_keras.train import Trainer
@@ -405,6 +410,8 @@ PROBE = textwrap.dedent(
     trainer = Trainer(cfg, progress=False)
     assert trainer.step == 3, trainer.step
     result = {"backend": np.array(keras.backend.backend())}
+    for i, v in enumerate(trainer.optimizer.variables):
+        result[f"o{i:04d}"] = ops.convert_to_numpy(v.value)
     rng = np.random.default_rng(0)
     ema = trainer.ema_model()
     for r_in, r_out in trainer.model.path_keys:
@@ -417,11 +424,10 @@ PROBE = textwrap.dedent(
                           noise=noise, lanczos_iterations=10, seed=11, batch_size=2,
                           progress=False)
         result[f"sample_{noise}"] = s.images
-    trainer.fit(2)
-    losses = [float(row.split(",")[1]) for row in trainer.log_path.read_text().splitlines()[1:]]
-    result["losses"] = np.array(losses)
-    for i, v in enumerate(trainer.model.trainable_variables):
-        result[f"w{i:04d}"] = ops.convert_to_numpy(v.value)
+    result.update(record_first_step(trainer))
+    result["loss"] = np.float64(trainer.train_step()[0])
+    trainer.train_step()
+    result["iterations"] = ops.convert_to_numpy(trainer.optimizer.iterations)
     np.savez(out, **result)
     """
 )
@@ -441,8 +447,9 @@ def _run(code_args, backend_name, timeout=900):
 
 def test_checkpoint_moves_between_backends(tmp_path):
     """Train under torch, then load the checkpoint under torch, jax and tensorflow: the
-    same path outputs, the same samples for the same seed (both noise samplers), and
-    the same weights after resuming training for two steps."""
+    optimizer state restored bit for bit, and to float32 rounding (tests/_tolerance.py)
+    the same path outputs, the same samples for the same seed (both noise samplers), and
+    the same loss and gradients in the first step of resumed training."""
     missing = _missing_backends()
     if missing:
         message = f"{', '.join(missing)} not installed (pip install -e '.[jax,tensorflow]')"
@@ -469,30 +476,47 @@ def test_checkpoint_moves_between_backends(tmp_path):
     _run([train, json.dumps(cfg)], "torch")
     run_dir = tmp_path / "runs" / "cross"
     cfg["train"]["steps"] = 5  # the probes resume for two more steps
-    meta_backend = "torch"
     results = {}
     for name in BACKENDS:
         out = tmp_path / name / "probe.npz"
         out.parent.mkdir()
-        _run([PROBE, str(run_dir), str(out), json.dumps(cfg)], name)
+        _run([PROBE, str(run_dir), str(out), json.dumps(cfg), str(Path(__file__).parent)], name)
         with np.load(out) as data:
             results[name] = {k: data[k] for k in data.files}
         assert str(results[name]["backend"]) == name
-    ref = results[meta_backend]
+    ref = results["torch"]
+    assert int(ref["iterations"]) == 5
+    # what float32 rounding explains (tests/_tolerance.py), from the network's own shape
+    from ssd_keras.builders import build_model
+    from ssd_keras.config import from_dict
+
+    model = build_model(from_dict(cfg, source="cross"), channels=3)
+    batch, size = cfg["train"]["batch_size"], cfg["process"]["image_size"]
+    outputs = network_tolerance(model.trainable_variables)
+    samples = network_tolerance(model.trainable_variables, calls=7)  # 6 respaced steps, the last call
+    gradients = network_tolerance(model.trainable_variables, terms=batch * size * size)
+    grad_names = sorted(k for k in ref if re.fullmatch(r"g\d+", k))
+    assert grad_names
+    grad_scale = rms([ref[k] for k in grad_names])
     for name in ("jax", "tensorflow"):
         got = results[name]
         assert set(got) == set(ref)
         worst = {}
         for k in ref:
-            if k != "backend":
-                group = "weights" if re.fullmatch(r"w\d+", k) else k.split("_")[0]
+            if k not in ("backend", "iterations"):
+                group = re.sub(r"\d+$", "", k.split("_")[0])
                 diff = float(np.max(np.abs(got[k] - ref[k])))
                 worst[group] = max(worst.get(group, 0.0), diff)
         print(f"{name} vs torch, max |difference|: " + ", ".join(f"{g} {d:.1e}" for g, d in worst.items()))
         for k in ref:
-            if k == "backend":
-                continue
-            # float32 tolerance: the backends order their reductions differently; samples
-            # walk 8 network calls and both noise samplers, training two AdamW steps
-            tol = dict(rtol=1e-4, atol=1e-4) if k.startswith(("sample", "w", "losses")) else dict(rtol=1e-4, atol=2e-5)
-            np.testing.assert_allclose(got[k], ref[k], err_msg=f"{name} vs torch: {k}", **tol)
+            what = f"{name} vs torch: {k}"
+            if re.fullmatch(r"o\d+", k) or k == "iterations":  # restored bit for bit
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=what)
+            elif k.startswith(("model_", "ema_")):
+                assert_rounding_close(got[k], ref[k], tol=outputs, err_msg=what)
+            elif k.startswith("sample_"):
+                assert_rounding_close(got[k], ref[k], tol=samples, err_msg=what)
+            elif k in grad_names:
+                assert_rounding_close(got[k], ref[k], tol=gradients, scale=grad_scale, err_msg=what)
+            elif k == "loss":
+                np.testing.assert_allclose(got[k], ref[k], rtol=gradients, err_msg=what)

@@ -79,6 +79,13 @@ def test_samples_reproduce_the_memorized_images(memorized, method, noise, steps,
     # Along the way, each x_t must be distributed as the forward marginal of the image the
     # sample ends at: (x_t - a_t D_{1:t} x0) / sigma_t is standard normal. A wrong
     # posterior mean or noise scale breaks this even when the last x0 prediction recovers.
+    # That holds for an exact denoiser. This one is memorised imperfectly, and its x0 error
+    # enters the statistic as a_t D(x0_hat - x0) / sigma_t: small while the noise is large,
+    # but at the last low-noise steps it can outweigh the noise (deterministic ddim passes
+    # it on unchanged), and its size varies with the CPU's rounding during training. So a
+    # step with sigma_t >= 0.2 is checked where that term is at most a quarter of the noise
+    # (it then moves z's std by at most 3 %, inside the bounds below), measured with the
+    # step's own x0 prediction.
     nearest_image = targets[err.argmin(axis=1)]
     checked = 0
     for frame in result.frames:
@@ -86,10 +93,21 @@ def test_samples_reproduce_the_memorized_images(memorized, method, noise, steps,
         if process.noise_std[t] < 0.2:
             continue
         clean = ops.convert_to_numpy(process.degrade(nearest_image, process.r[t]))
+        predicted = _at_resolution(process, frame["x0_hat"], int(process.r[t]))
+        denoiser_error = process.signal[t] * np.sqrt(np.mean((predicted - clean) ** 2))
+        if denoiser_error > 0.25 * process.noise_std[t]:
+            continue
         z = (frame["x_t"] - process.signal[t] * clean) / process.noise_std[t]
         assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15, (t, z.mean(), z.std())
         checked += 1
     assert checked >= 4
+
+
+def _at_resolution(process, x, r: int) -> np.ndarray:
+    """``x`` (an x0 prediction at r(t) or, on a change step, at 2 r(t)) downsampled to ``r``."""
+    if x.shape[1] != r:
+        x = process.operator(x.shape[1], r).apply(x)
+    return ops.convert_to_numpy(x)
 
 
 @pytest.mark.slow
