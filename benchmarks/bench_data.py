@@ -21,14 +21,17 @@ from PIL import Image
 from ssd_keras.data import make_dataset
 
 
-def write_jpeg_folder(root: str, count: int, size: int, seed: int = 0, quality: int = 90) -> str:
-    """``count`` photo-like JPEGs (smooth colour fields plus grain) of ``size`` x ``size``."""
+def write_jpeg_folder(root: str, count: int, size: int, seed: int = 0, quality: int = 90,
+                      width: int | None = None) -> str:
+    """``count`` photo-like JPEGs (smooth colour fields plus grain), ``size`` pixels high
+    and ``width`` (default ``size``) wide."""
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
+    width = width or size
     for i in range(count):
         coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-        grain = rng.normal(0, 12, (size, size, 3))
+        image = Image.fromarray(coarse).resize((width, size), Image.BICUBIC)
+        grain = rng.normal(0, 12, (size, width, 3))
         arr = np.clip(np.asarray(image, np.float64) + grain, 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(os.path.join(root, f"img_{i:05d}.jpg"), quality=quality)
     return root
