@@ -108,7 +108,7 @@ class Settings:
 FULL = Settings(
     pipeline=ROOT / "pipelines" / "celeba64_4L.toml", batch=128, warmup_steps=2, timed_steps=5,
     sample_batch=64, sample_steps={"ancestral": 250, "ddim": 25}, sample_warmup_steps=20,
-    loader_size=64, loader_images=512, loader_seconds=3.0, official_sample_steps=250,
+    loader_size=64, loader_images=512, loader_seconds=2.0, official_sample_steps=250,
     min_part_s={"parity": 5, "train": 20, "sample": 10, "loader": 10, "official": 20},
 )
 SMOKE = Settings(
@@ -187,10 +187,10 @@ def run_parts(parts: list[Part], ctx, record: dict, clock: Clock, *,
         # the timer fires if a single call (a compile, a hung kernel) outlives the share
         hard = min(share * 1.5 + grace_s, left + grace_s)
         say(f"[{part.name}] running (share {share:.0f} s of {left:.0f} s left)")
-        ctx.before_part()
         started = clock.now()
         armed = hard_limits and _arm_timer(hard)
         try:
+            ctx.before_part()
             values = part.run(ctx)
             entry.update(status="ok", **(values or {}))
         except SkipPart as e:
@@ -801,7 +801,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save():
         record["check"]["elapsed_s"] = round(time.monotonic() - clock.start, 1)
-        record["summary"] = summary(record)
+        try:
+            record["summary"] = summary(record)
+        except Exception as e:  # noqa: BLE001 - the parts' own records are what matters
+            record["summary"] = {"error": f"{type(e).__name__}: {_first_line(e)}"}
         write_json(args.out, record)
 
     def say(message: str) -> None:
