@@ -191,8 +191,11 @@ def run_parts(parts: list[Part], ctx, record: dict, clock: Clock, *,
         armed = hard_limits and _arm_timer(hard)
         try:
             ctx.before_part()
-            values = part.run(ctx)
-            entry.update(status="ok", **(values or {}))
+            values = dict(part.run(ctx) or {})
+            clash = {"status", "seconds", "reason", "error"} & set(values)
+            if clash:
+                raise RuntimeError(f"the part returned keys the runner writes: {sorted(clash)}")
+            entry.update(status="ok", **values)
         except SkipPart as e:
             entry.update(status="skipped", reason=str(e))
         except PartTimeout:
@@ -542,7 +545,7 @@ def part_sample(graph: str, method: str):
         result = box[0]
         out = {"graph": graph, "method": method, "steps": k, "batch": s.sample_batch,
                "network_calls": int(result.network_calls), "warmup_call_s": warm_s,
-               "warmup_steps": warm["steps"], "seconds": seconds,
+               "warmup_steps": warm["steps"], "sample_s": seconds,
                "images_per_s": s.sample_batch / seconds,
                "ms_per_network_call": 1e3 * seconds / max(result.network_calls, 1),
                "images_finite": bool(np.all(np.isfinite(result.images)))}
@@ -739,7 +742,9 @@ def plan(settings: Settings, args) -> list[Part]:
     parts = [Part(f"parity/{p}", part_parity(p), w["parity"], m.get("parity", 0)) for p in PRECISIONS]
     parts += [Part(f"train/{p}/{g}", part_train(p, g), w["train"], m.get("train", 0))
               for g in TRAIN_GRAPHS for p in PRECISIONS]
-    parts += [Part(f"sample/{g}/{method}_K{k}", part_sample(g, method), w["sample"], m.get("sample", 0))
+    # a sampling part's weight grows with its network calls: K = 250 gets 2, K = 25 0.2
+    parts += [Part(f"sample/{g}/{method}_K{k}", part_sample(g, method),
+                   w["sample"] * k / max(settings.sample_steps.values()) * 2, m.get("sample", 0))
               for g in SAMPLE_GRAPHS for method, k in settings.sample_steps.items()]
     parts.append(Part("loader", part_loader, w["loader"], m.get("loader", 0)))
     parts += [Part(f"official/{'use_fp16' if f else 'float32'}", part_official(f), w["official"],

@@ -63,6 +63,8 @@ def _check_numbers(name: str, part: dict) -> None:
             assert max(part["max_abs_output_difference_vs_ours"].values()) <= 1e-4
     elif name.startswith("sample/"):
         assert part["images_per_s"] > 0 and part["images_finite"] and part["network_calls"] > part["steps"] - 1
+        assert part["sample_s"] == pytest.approx(part["batch"] / part["images_per_s"])
+        assert part["seconds"] >= part["sample_s"] + part["warmup_call_s"] - 1e-3  # rounded to ms
         if "max_abs_diff_vs_eager" in part:
             # same seed, same host noise: the images differ only by the network's float32
             # rounding in another execution (a traced call is checked against eager within
