@@ -16,7 +16,8 @@ on the network of ``bench_vs_official.py`` (32 px, 3 levels 8/16/32, base 32, ch
   counted with a ``TorchDispatchMode``, split into compute ops (one kernel launch each on
   a GPU), views and other aliasing ops (no kernel), and scalar reads
   (``_local_scalar_dense``, i.e. ``.item()``/``int()``: a device sync when the tensor is on
-  the GPU, none when it is a host scalar such as a traced shape). A ``torch.jit.trace`` replay dispatches its ops the same way.
+  the GPU, none when it is a host scalar such as a traced shape). A ``torch.jit.trace``
+  replay dispatches its ops the same way.
   Next to it, the ``aten::`` events of ``torch.profiler`` (issue 28's count), which also
   record the composite ops that only call others.
 
@@ -220,7 +221,8 @@ def main() -> None:
     for trainer in trainers.values():
         trainer.close()
 
-    print("\n| path | work | who | ms | ops dispatched | compute | views | scalar reads | profiler aten:: events |")
+    print("\n| path | work | who | ms | ops dispatched | compute | views | scalar reads "
+          "| profiler aten:: events |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, kind, who, ms, ops, compute, views, reads, events in rows:
         print(f"| {name} | {kind.replace('_', ' ')} | {who} | {ms:.2f} | {ops} | {compute} | {views} "

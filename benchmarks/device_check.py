@@ -801,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     record = ctx.record
     record["check"] = {"mode": "smoke" if args.smoke else "full", "budget_s": budget,
                        "pipeline": str(settings.pipeline.relative_to(ROOT)), "batch": settings.batch,
-                       "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+                       "command": " ".join([Path(sys.argv[0]).name]
+                                           + (argv if argv is not None else sys.argv[1:]))}
     record["device"] = device_info(ctx)
 
     def save():

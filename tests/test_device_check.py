@@ -35,7 +35,8 @@ def _smoke(tmp_path, *extra):
 def _allowed_skip(name: str, part: dict) -> bool:
     reason = part.get("reason", "")
     if name.startswith("official/"):
-        return reason in ("no --official checkout given", "the stand-in (benchmarks/_torch_twin.py) has no use_fp16")
+        return reason in ("no --official checkout given",
+                          "the stand-in (benchmarks/_torch_twin.py) has no use_fp16")
     # a graph mode this ssd_keras does not offer (yet): the config error is the reason
     return "rejects this setting" in reason and ("graph" in reason or "precision" in reason)
 
@@ -62,7 +63,8 @@ def _check_numbers(name: str, part: dict) -> None:
             assert part["sample"]["images_per_s"] > 0
             assert max(part["max_abs_output_difference_vs_ours"].values()) <= 1e-4
     elif name.startswith("sample/"):
-        assert part["images_per_s"] > 0 and part["images_finite"] and part["network_calls"] > part["steps"] - 1
+        assert part["images_per_s"] > 0 and part["images_finite"]
+        assert part["network_calls"] >= part["steps"]
         assert part["sample_s"] == pytest.approx(part["batch"] / part["images_per_s"])
         assert part["seconds"] >= part["sample_s"] + part["warmup_call_s"] - 1e-3  # rounded to ms
         if "max_abs_diff_vs_eager" in part:
@@ -176,7 +178,8 @@ def test_runner_records_errors_skips_and_budget_and_goes_on():
     assert seen[0][1] == pytest.approx(100 / 6 - 10)
     assert record["b"]["status"] == "error" and record["b"]["error"] == "ValueError: broken part"
     assert "Traceback" in record["b"]["traceback"]
-    assert record["c"] == {"status": "skipped", "reason": "not here", "seconds": 0.0, "peak_memory_bytes": None}
+    assert record["c"] == {"status": "skipped", "reason": "not here", "seconds": 0.0,
+                           "peak_memory_bytes": None}
     assert record["d"]["status"] == "ok"
     assert record["e"]["status"] == "skipped" and "time budget" in record["e"]["reason"]
     assert len(saved) == 5
