@@ -116,10 +116,10 @@ class Observation:
 
 def consistency_tolerance(obs: Observation, x_max: float, y_max: float, r: int | None = None) -> float:
     """A bound on ``max |D x_hat - y|`` after the float32 projection of :meth:`Observation.replace`
-    with ``sigma = 0`` (docs/scale_space_edits.md eq. 5): ``u ((n_h + n_w + 4) X + Y +
-    (m_h + m_w + 4) ||P^+|| (X + Y) + ||P^+|| (X + Y))`` with ``u`` float32's unit roundoff,
+    with ``sigma = 0`` (docs/scale_space_edits.md eq. 5): ``1.01 u ((n_h + n_w + 4) X + Y +
+    (m_h + m_w + 5) ||P^+|| (X + Y))`` with ``u`` float32's unit roundoff,
     ``n``/``m`` the input/output sizes per axis, ``X``/``Y`` the largest magnitudes of the
-    input and of ``y``; second-order terms covered by a factor 1.01."""
+    input and of ``y``; the factor 1.01 covers second-order terms."""
     r = obs.process.image_size if r is None else int(r)
     u = float(np.finfo(np.float32).eps) / 2
     p, _ = obs.operators(r)
