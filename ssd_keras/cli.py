@@ -216,18 +216,19 @@ EDIT_OUT = _unset("Output folder (default: RUN/edits/<command and settings>).")
 
 
 def _edit_parts(run, runs_dir, checkpoint, ema, **sampler):
-    """``(run_dir, cfg, model, process, objective, sampler keyword arguments)`` for an edit."""
+    """``(run_dir, cfg, process, sampler keyword arguments, load)`` for an edit; ``load()``
+    builds ``(model, process, objective)`` (seconds: after the inputs are checked)."""
     import dataclasses
 
+    from .builders import build_process
     from .runs import find_run, load_run, sampling_parts
 
     run_dir = find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir, checkpoint)
     cfg = _with_options(cfg, path, sampler=sampler)
-    model, process, objective = sampling_parts(cfg, groups, meta, path, ema)
     kwargs = dataclasses.asdict(cfg.sampler)
     kwargs.pop("num_images")
-    return run_dir, cfg, model, process, objective, kwargs
+    return run_dir, cfg, build_process(cfg), kwargs, lambda: sampling_parts(cfg, groups, meta, path, ema)
 
 
 def _edit_errors():
@@ -251,11 +252,11 @@ def _save_rows(rows, path, image_size):
     return save_grid(np.stack(cells), path, columns=width)
 
 
-def _upsample_group(parts, items, level, out, strength, num_samples, consistency, progress, names):
+def _upsample_group(parts, kwargs, items, level, out, strength, num_samples, consistency, progress, names):
     from .edits import upsample as run_upsample
     from .images import save_image, save_progression, to_uint8
 
-    _, _, model, process, objective, kwargs = parts
+    model, process, objective = parts
     import numpy as np
     import time
 
@@ -302,19 +303,22 @@ def upsample(
         files = input_files(inputs)
         parts = _edit_parts(run, runs_dir, checkpoint, ema, steps=steps, method=method, eta=eta,
                             noise=noise, seed=seed, batch_size=batch_size)
-        run_dir, cfg, _, process, _, kwargs = parts
+        run_dir, cfg, process, kwargs, load = parts
         groups = read_observations(files, process)
+        for level in groups:
+            _start(process, level, strength)
     except _edit_errors() as exc:
         raise UserError(str(exc)) from None
     out = out or run_dir / "edits" / f"upsample_s{strength:g}_{'dc' if consistency else 'free'}_seed{kwargs['seed']}"
     stems = [p.stem for p in files]
     names = {p: (p.stem if stems.count(p.stem) == 1 else f"{i}_{p.stem}") for i, p in enumerate(files)}
     rows, seconds, count = [], 0.0, 0
+    parts = load()
     for level in sorted(groups):
         _say(f"upsampling {len(groups[level])} image(s) of {level} px to {process.image_size} px, "
              f"{num_samples} sample(s) each, from step {_start(process, level, strength)} "
              f"({'with' if consistency else 'without'} consistency)")
-        r, sec, _ = _upsample_group(parts, groups[level], level, out, strength, num_samples, consistency,
+        r, sec, _ = _upsample_group(parts, kwargs, groups[level], level, out, strength, num_samples, consistency,
                                     progress, names)
         rows += r
         seconds += sec
@@ -360,7 +364,7 @@ def vary(
         path = input_files([image])[0]
         parts = _edit_parts(run, runs_dir, checkpoint, True, steps=steps, method=method, eta=eta,
                             seed=seed, batch_size=batch_size)
-        run_dir, cfg, _, process, _, kwargs = parts
+        run_dir, cfg, process, kwargs, load = parts
         level = parse_level(level, process)
         img = read_image(path)
         if img.shape[:2] != (process.image_size, process.image_size):
@@ -376,7 +380,7 @@ def vary(
     out = out or run_dir / "edits" / f"vary_{path.stem}_{level}px_s{strength:g}_seed{kwargs['seed']}"
     _say(f"{num_samples} variation(s) of {path} keeping its {level} px layout, from step "
          f"{_start(process, level, strength)} ({'with' if consistency else 'without'} consistency)")
-    rows, seconds, _ = _upsample_group(parts, [(path, y)], level, out, strength, num_samples, consistency,
+    rows, seconds, _ = _upsample_group(load(), kwargs, [(path, y)], level, out, strength, num_samples, consistency,
                                        progress, {path: path.stem})
     grid = _save_rows([[img] + rows[0]], out / "grid.png", process.image_size)
     _say(f"wrote {num_samples} variations in {seconds:.1f} s: {out / 'images'}, {grid} "
@@ -401,8 +405,9 @@ def interpolate(
 
     if frames < 2:
         raise UserError(f"--frames {frames}: must be >= 2")
-    run_dir, cfg, model, process, objective, kwargs = _edit_parts(
+    run_dir, cfg, _, kwargs, load = _edit_parts(
         run, runs_dir, checkpoint, True, steps=steps, batch_size=batch_size, method="ddim", eta=0.0)
+    model, process, objective = load()
     for key in ("method", "eta", "seed", "noise", "lanczos_iterations", "variance", "change_eta"):
         kwargs.pop(key, None)
     a, b = seeds

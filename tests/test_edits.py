@@ -192,7 +192,8 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("edits")
     write_images(root / "data")
     pipeline = root / "tiny.toml"
-    pipeline.write_text(TINY.format(out=root / "runs", data=root / "data"))
+    # eager sampling: chains of a few steps call each path a few times, fewer than a trace pays for
+    pipeline.write_text(TINY.format(out=root / "runs", data=root / "data") + 'graph = "eager"\n')
     assert main([str(pipeline), "--set", "train.steps=2", "--set", "train.sample_every=0",
                  "--no-progress"]) == 0
     return root, root / "runs" / "tiny"
@@ -215,7 +216,7 @@ def test_upsampled_images_downsample_to_the_input_within_the_derived_tolerance(t
     rng = np.random.default_rng(6)
     for r_y in edits.input_levels(process):
         y = np.clip(rng.normal(0, 0.6, (2, r_y, r_y, 3)), -1, 1).astype(np.float32)
-        kw = dict(steps=5, method=method, batch_size=3, progress=False)
+        kw = dict(steps=5, method=method, batch_size=4, progress=False, graph="eager")
         images, result = edits.upsample(model, process, objective, y, num_samples=2, strength=0.5, **kw)
         assert images.shape == (2, 2, 16, 16, 3) and result.network_calls > 0
         obs = edits.Observation(process, r_y)
@@ -234,7 +235,7 @@ def test_interpolation_end_frames_are_the_plain_samples_of_the_seeds(tiny_run):
 
     _, run_dir = tiny_run
     model, process, objective = load_sampling_model(run_dir)
-    kw = dict(steps=5, batch_size=1, progress=False)
+    kw = dict(steps=5, batch_size=1, progress=False, graph="eager")
     frames = edits.interpolate(model, process, objective, 3, 11, 4, **kw).images
     for seed, frame in ((3, frames[0]), (11, frames[-1])):
         plain = sample_images(model, process, objective, num_images=1, method="ddim", eta=0.0, seed=seed, **kw)
