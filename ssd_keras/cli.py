@@ -312,6 +312,7 @@ def upsample(
     out = out or run_dir / "edits" / f"upsample_s{strength:g}_{'dc' if consistency else 'free'}_seed{kwargs['seed']}"
     stems = [p.stem for p in files]
     names = {p: (p.stem if stems.count(p.stem) == 1 else f"{i}_{p.stem}") for i, p in enumerate(files)}
+    _strength_note(strength, consistency)
     rows, seconds, count = [], 0.0, 0
     parts = load()
     for level in sorted(groups):
@@ -334,6 +335,16 @@ def _start(process, level, strength):
         return start_step(process, level, strength)
     except _edit_errors() as exc:
         raise UserError(str(exc)) from None
+
+
+def _strength_note(strength, consistency):
+    if consistency and strength > 0:
+        import warnings
+
+        warnings.warn(f"--strength {strength:g} changes nothing with consistency on: every state at the "
+                      "input's level is replaced by the noised input, so only the time spent there "
+                      "grows (docs/scale_space_edits.md section 3); use --no-consistency to let the "
+                      "model re-draw the level")
 
 
 @app.command()
@@ -380,6 +391,7 @@ def vary(
     out = out or run_dir / "edits" / f"vary_{path.stem}_{level}px_s{strength:g}_seed{kwargs['seed']}"
     _say(f"{num_samples} variation(s) of {path} keeping its {level} px layout, from step "
          f"{_start(process, level, strength)} ({'with' if consistency else 'without'} consistency)")
+    _strength_note(strength, consistency)
     rows, seconds, _ = _upsample_group(load(), kwargs, [(path, y)], level, out, strength, num_samples, consistency,
                                        progress, {path: path.stem})
     grid = _save_rows([[img] + rows[0]], out / "grid.png", process.image_size)

@@ -250,8 +250,9 @@ def test_upsample_vary_interpolate_through_the_cli(tiny_run, capsys):
     code = main(["upsample", str(run_dir), str(inputs), "--out", str(out), "-n", "2", "--steps", "5",
                  "--strength", "0.5", "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    said = capsys.readouterr().out
-    assert "4 px" in said and "8 px" in said and "s/image" in said
+    said = capsys.readouterr()
+    assert "4 px" in said.out and "8 px" in said.out and "s/image" in said.out
+    assert "warning: --strength 0.5 changes nothing with consistency on" in said.err
     made = sorted(p.name for p in (out / "images").glob("*.png"))
     assert made == sorted(f"in{i}_{s}_{k}.png" for i, s in enumerate([4, 8, 8]) for k in range(2))
     assert np.asarray(Image.open(out / "images" / made[0])).shape == (16, 16, 3)
