@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -203,6 +203,233 @@ def _write_samples(model, process, objective, cfg, out: Path, progress: bool) ->
     w = write_samples(model, process, objective, cfg, out, progress=progress)
     _say(f"wrote {w['images']} samples in {w['seconds']:.1f} s ({w['seconds'] / w['images']:.2f} s/image): "
          f"{w['grid']}, {w['progression']}")
+
+
+# ---------------------------------------------------------------------------- edits
+# super-resolution, variations and interpolation from any run (docs/scale_space_edits.md)
+STRENGTH = typer.Option(0.0, help="Where in the input's level the chain starts: 0 its least noisy "
+                                  "step (most faithful), 1 its noisiest (most creative).")
+CONSISTENCY = typer.Option(True, "--consistency/--no-consistency",
+                           help="Replace the part of each state the input determines by its noised "
+                                "observation; the result downsamples to the input.")
+EDIT_OUT = _unset("Output folder (default: RUN/edits/<command and settings>).")
+
+
+def _edit_parts(run, runs_dir, checkpoint, ema, **sampler):
+    """``(run_dir, cfg, process, sampler keyword arguments, load)`` for an edit; ``load()``
+    builds ``(model, process, objective)`` (seconds: after the inputs are checked)."""
+    import dataclasses
+
+    from .builders import build_process
+    from .runs import find_run, load_run, sampling_parts
+
+    run_dir = find_run(run, runs_dir)
+    cfg, groups, meta, path = load_run(run_dir, checkpoint)
+    cfg = _with_options(cfg, path, sampler=sampler)
+    kwargs = dataclasses.asdict(cfg.sampler)
+    kwargs.pop("num_images")
+    return run_dir, cfg, build_process(cfg), kwargs, lambda: sampling_parts(cfg, groups, meta, path, ema)
+
+
+def _edit_errors():
+    from .edits import EditError
+
+    return EditError
+
+
+def _save_rows(rows, path, image_size):
+    """A grid with one row per list of [-1, 1] images (each shown at ``image_size``, nearest)."""
+    import numpy as np
+
+    from .images import save_grid
+
+    def full(img):
+        k = image_size // img.shape[0]
+        return np.repeat(np.repeat(img, k, 0), k, 1)
+
+    width = max(len(r) for r in rows)
+    cells = [full(img) for r in rows for img in list(r) + [np.ones_like(r[-1])] * (width - len(r))]
+    return save_grid(np.stack(cells), path, columns=width)
+
+
+def _upsample_group(parts, kwargs, items, level, out, strength, num_samples, consistency, progress, names):
+    from .edits import upsample as run_upsample
+    from .images import save_image, save_progression, to_uint8
+
+    model, process, objective = parts
+    import numpy as np
+    import time
+
+    y = np.stack([img for _, img in items])
+    start = time.perf_counter()
+    images, result = run_upsample(model, process, objective, y, num_samples=num_samples, strength=strength,
+                                  consistency=consistency, record_progression=True, progress=progress,
+                                  **kwargs)
+    seconds = time.perf_counter() - start
+    for (path, _), samples in zip(items, images):
+        stem = names[path]
+        for k, img in enumerate(samples):
+            save_image(to_uint8(img[None])[0], out / "images" / f"{stem}_{k}.png")
+    save_progression(result.frames, out / f"progression_{level}px.png", process.image_size)
+    return [[img] + list(samples) for (_, img), samples in zip(items, images)], seconds, images.size
+
+
+@app.command()
+def upsample(
+    run: str = typer.Argument(..., help="Run directory or name."),
+    inputs: List[Path] = typer.Argument(..., help="Images (or folders of them) at a level of the run "
+                                                   "below full resolution."),
+    out: Optional[Path] = EDIT_OUT,
+    strength: float = STRENGTH,
+    num_samples: int = typer.Option(1, "--num-samples", "-n", help="Samples per input."),
+    consistency: bool = CONSISTENCY,
+    steps: Optional[int] = STEPS,
+    method: Optional[str] = METHOD,
+    eta: Optional[float] = ETA,
+    noise: Optional[str] = NOISE,
+    seed: Optional[int] = _unset("Sampling seed."),
+    batch_size: Optional[int] = _unset("Images per batch."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights."),
+    checkpoint: Optional[Path] = _unset("A checkpoint file (default: the run's newest)."),
+    runs_dir: Path = RUNS_DIR,
+    progress: bool = PROGRESS,
+):
+    """Super-resolution: full-resolution images consistent with low-resolution inputs."""
+    from .edits import input_files, read_observations
+
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples}: must be >= 1")
+    try:
+        files = input_files(inputs)
+        parts = _edit_parts(run, runs_dir, checkpoint, ema, steps=steps, method=method, eta=eta,
+                            noise=noise, seed=seed, batch_size=batch_size)
+        run_dir, cfg, process, kwargs, load = parts
+        groups = read_observations(files, process)
+        for level in groups:
+            _start(process, level, strength)
+    except _edit_errors() as exc:
+        raise UserError(str(exc)) from None
+    out = out or run_dir / "edits" / f"upsample_s{strength:g}_{'dc' if consistency else 'free'}_seed{kwargs['seed']}"
+    stems = [p.stem for p in files]
+    names = {p: (p.stem if stems.count(p.stem) == 1 else f"{i}_{p.stem}") for i, p in enumerate(files)}
+    _strength_note(strength, consistency)
+    rows, seconds, count = [], 0.0, 0
+    parts = load()
+    for level in sorted(groups):
+        _say(f"upsampling {len(groups[level])} image(s) of {level} px to {process.image_size} px, "
+             f"{num_samples} sample(s) each, from step {_start(process, level, strength)} "
+             f"({'with' if consistency else 'without'} consistency)")
+        r, sec, _ = _upsample_group(parts, kwargs, groups[level], level, out, strength, num_samples, consistency,
+                                    progress, names)
+        rows += r
+        seconds += sec
+        count += len(groups[level]) * num_samples
+    grid = _save_rows(rows, out / "grid.png", process.image_size)
+    _say(f"wrote {count} images in {seconds:.1f} s ({seconds / count:.2f} s/image): {out / 'images'}, {grid}")
+
+
+def _start(process, level, strength):
+    from .edits import start_step
+
+    try:
+        return start_step(process, level, strength)
+    except _edit_errors() as exc:
+        raise UserError(str(exc)) from None
+
+
+def _strength_note(strength, consistency):
+    if consistency and strength > 0:
+        import warnings
+
+        warnings.warn(f"--strength {strength:g} changes nothing with consistency on: every state at the "
+                      "input's level is replaced by the noised input, so only the time spent there "
+                      "grows (docs/scale_space_edits.md section 3); use --no-consistency to let the "
+                      "model re-draw the level")
+
+
+@app.command()
+def vary(
+    run: str = typer.Argument(..., help="Run directory or name."),
+    image: Path = typer.Argument(..., help="A full-resolution image."),
+    level: int = typer.Option(..., "--level", "-l", help="Keep the layout down to this resolution (px), "
+                                                          "a level of the run below full resolution."),
+    strength: float = STRENGTH,
+    num_samples: int = typer.Option(4, "--num-samples", "-n", help="How many variations."),
+    consistency: bool = CONSISTENCY,
+    out: Optional[Path] = EDIT_OUT,
+    steps: Optional[int] = STEPS,
+    method: Optional[str] = METHOD,
+    eta: Optional[float] = ETA,
+    seed: Optional[int] = _unset("Sampling seed."),
+    batch_size: Optional[int] = _unset("Images per batch."),
+    checkpoint: Optional[Path] = _unset("A checkpoint file (default: the run's newest)."),
+    runs_dir: Path = RUNS_DIR,
+    progress: bool = PROGRESS,
+):
+    """Variations of an image that keep its layout down to --level: upsample its own downsample."""
+    from .edits import input_files, parse_level, read_image
+
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples}: must be >= 1")
+    try:
+        path = input_files([image])[0]
+        parts = _edit_parts(run, runs_dir, checkpoint, True, steps=steps, method=method, eta=eta,
+                            seed=seed, batch_size=batch_size)
+        run_dir, cfg, process, kwargs, load = parts
+        level = parse_level(level, process)
+        img = read_image(path)
+        if img.shape[:2] != (process.image_size, process.image_size):
+            raise _edit_errors()(f"{path} is {img.shape[1]}x{img.shape[0]}; `vary` takes images of the "
+                                 f"run's full resolution, {process.image_size}x{process.image_size} "
+                                 f"(smaller ones: `ssd-run upsample`)")
+    except _edit_errors() as exc:
+        raise UserError(str(exc)) from None
+    from keras import ops
+    import numpy as np
+
+    y = np.asarray(ops.convert_to_numpy(process.degrade(img[None], level)), dtype=np.float32)[0]
+    out = out or run_dir / "edits" / f"vary_{path.stem}_{level}px_s{strength:g}_seed{kwargs['seed']}"
+    _say(f"{num_samples} variation(s) of {path} keeping its {level} px layout, from step "
+         f"{_start(process, level, strength)} ({'with' if consistency else 'without'} consistency)")
+    _strength_note(strength, consistency)
+    rows, seconds, _ = _upsample_group(load(), kwargs, [(path, y)], level, out, strength, num_samples, consistency,
+                                       progress, {path: path.stem})
+    grid = _save_rows([[img] + rows[0]], out / "grid.png", process.image_size)
+    _say(f"wrote {num_samples} variations in {seconds:.1f} s: {out / 'images'}, {grid} "
+         f"(original, its {level} px downsample, variations)")
+
+
+@app.command()
+def interpolate(
+    run: str = typer.Argument(..., help="Run directory or name."),
+    seeds: Tuple[int, int] = typer.Option(..., "--seeds", help="The two seeds: A B."),
+    frames: int = typer.Option(9, "--frames", help="Frames, ends included (>= 2)."),
+    steps: Optional[int] = STEPS,
+    batch_size: Optional[int] = _unset("Frames per batch."),
+    out: Optional[Path] = EDIT_OUT,
+    checkpoint: Optional[Path] = _unset("A checkpoint file (default: the run's newest)."),
+    runs_dir: Path = RUNS_DIR,
+    progress: bool = PROGRESS,
+):
+    """A smooth path between the ddim (eta 0) samples of two seeds: strip.png, interpolation.gif."""
+    from .edits import interpolate as run_interpolate
+    from .images import save_gif, save_grid, save_images
+
+    if frames < 2:
+        raise UserError(f"--frames {frames}: must be >= 2")
+    run_dir, cfg, _, kwargs, load = _edit_parts(
+        run, runs_dir, checkpoint, True, steps=steps, batch_size=batch_size, method="ddim", eta=0.0)
+    model, process, objective = load()
+    for key in ("method", "eta", "seed", "noise", "lanczos_iterations", "variance", "change_eta"):
+        kwargs.pop(key, None)
+    a, b = seeds
+    out = out or run_dir / "edits" / f"interpolate_{a}_{b}_K{cfg.sampler.steps}"
+    _say(f"{frames} frames from seed {a} to seed {b} (ddim, eta 0, K={cfg.sampler.steps})")
+    result = run_interpolate(model, process, objective, a, b, frames, progress=progress, **kwargs)
+    save_images(result.images, out / "frames", digits=3)
+    strip = save_grid(result.images, out / "strip.png", columns=frames)
+    gif = save_gif(result.images, out / "interpolation.gif")
+    _say(f"wrote {strip}, {gif}, {out / 'frames'}")
 
 
 # ---------------------------------------------------------------------------- import

@@ -89,3 +89,20 @@ def save_progression(frames: list[dict], path: str | Path, image_size: int, max_
                 if k == 0:
                     draw.text((2, y0 + cell // 2 - 6), "x_t" if j == 0 else "x0 pred", fill="black")
     return _save(canvas, path)
+
+
+def save_gif(images: np.ndarray, path: str | Path, frame_ms: int = 120, min_size: int = 128) -> Path:
+    """``[-1, 1]`` NHWC images as a looping GIF (forward, then back), enlarged (nearest) to at
+    least ``min_size`` px. Written whole or not at all (see :func:`_save`)."""
+    frames = []
+    for img in to_uint8(images):
+        pil = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).convert("RGB")
+        k = max(1, -(-min_size // pil.width))
+        frames.append(pil.resize((pil.width * k, pil.height * k), Image.NEAREST))
+    frames = frames + frames[-2:0:-1]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    os.replace(tmp, path)
+    return path

@@ -429,13 +429,21 @@ class ScaleSpaceProcess:
             position += stride
         return sorted(kept | set(self.change_steps))
 
-    def reverse_steps(self, num_steps: int | None = None) -> list[tuple[int, int]]:
+    def reverse_steps(self, num_steps: int | None = None, start: int | None = None) -> list[tuple[int, int]]:
         """``(t, s)`` pairs of the reverse chain, noisiest first, for the respaced steps.
 
         The network is evaluated at each ``t`` (and once more at ``t = 0``, whose x0
-        prediction is the sample). Each pair satisfies ``r(s) = r(t-1)``.
+        prediction is the sample). Each pair satisfies ``r(s) = r(t-1)``. ``start``: begin
+        at this step instead (kept or not), then follow the kept steps below it; every
+        change step below it is kept, so the first pair satisfies ``r(s) = r(t-1)`` too
+        (docs/scale_space_edits.md).
         """
         kept = self.respace(num_steps or self.timesteps)
+        if start is not None:
+            start = int(start)
+            if not 0 <= start < self.timesteps:
+                raise ValueError(f"start step must lie in [0, {self.timesteps - 1}], got {start}")
+            kept = [t for t in kept if t < start] + [start]
         return [(kept[i], kept[i - 1]) for i in range(len(kept) - 1, 0, -1)]
 
 

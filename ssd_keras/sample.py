@@ -51,6 +51,9 @@ def sample_images(
     record_progression: bool = False,
     progress: bool = True,
     graph: str = "trace",
+    start_step: int | None = None,
+    noise_source=None,
+    guide=None,
 ) -> SampleResult:
     """Draw ``num_images`` samples with ``steps`` respaced steps (default: all T).
 
@@ -62,6 +65,14 @@ def sample_images(
     posterior on change steps. ``graph`` picks how the network runs on torch
     (``backend.inference_fn``): ``"trace"`` replays a ``torch.jit.trace`` of each path,
     ``"eager"`` calls the Keras model.
+
+    Editing (``ssd_keras.edits``, docs/scale_space_edits.md): ``start_step`` starts the chain
+    at that step instead of ``T-1`` (then followed by the kept steps below it);
+    ``noise_source(rows, t)`` replaces the seeded generator: standard normal noise at
+    ``r(t)`` for the images ``rows`` (a ``range`` of indices into the ``num_images``), drawn
+    in the chain's order; ``guide`` (``edits.Guide``) maps the first noise to the starting
+    state (``guide.start``), may replace part of each new state (``guide.state``) and of the
+    final image (``guide.final``).
     """
     from keras import ops
 
@@ -74,8 +85,11 @@ def sample_images(
     rng = np.random.default_rng(seed)
 
     def normal(b: int, t: int):
-        """Standard normal noise for ``b`` images at resolution ``r(t)``, from the seeded host RNG."""
+        """Standard normal noise for ``b`` images at resolution ``r(t)``, from the seeded host RNG
+        (or ``noise_source``, told the images of the batch being sampled, ``rows``)."""
         r = int(process.r[t])
+        if noise_source is not None:
+            return ops.convert_to_tensor(np.asarray(noise_source(rows, t)), dtype="float32")
         return ops.convert_to_tensor(rng.standard_normal((b, r, r, channels)), dtype="float32")
 
     networks = {}  # path -> its inference function (traced or compiled once per path and shape)
@@ -103,23 +117,30 @@ def sample_images(
             return process.posterior_mean(x0_hat, x, t, s) + process.posterior_noise(
                 xi, t, s, method=noise, iterations=lanczos_iterations, variance=variance)
 
-    pairs = process.reverse_steps(steps or process.timesteps)  # respaced (docs/math.md section 7)
+    pairs = process.reverse_steps(steps or process.timesteps, start=start_step)  # respaced (section 7)
     record_at = progression_steps(pairs, process.change_steps) if record_progression else set()
     batches = [min(batch_size, num_images - i) for i in range(0, num_images, batch_size)]
     bar = tqdm(total=(len(pairs) + 1) * len(batches), desc="sampling", unit="step",
                disable=not progress, leave=False)
     outputs, frames, calls = [], [], 0
     for b in batches:
+        rows = range(sum(len(o) for o in outputs), sum(len(o) for o in outputs) + b)
         # x_T ~ N(0, I) at r(T-1), the coarsest resolution: the forward marginal (eq. 8)
-        # there, where a_t is almost 0
+        # there, where a_t is almost 0 (a guide starts from q(x_t | x0) at its own step)
         x = normal(b, pairs[0][0] if pairs else 0)
+        if guide is not None:
+            x = guide.start(x, pairs[0][0] if pairs else 0, rows)
         for t, s in pairs:
             x0_hat = denoise(x, t)
             if t in record_at and not outputs:
                 frames.append({"t": t, "x_t": _np(x), "x0_hat": _np(x0_hat)})
             x = reverse_step(x0_hat, x, t, s)
+            if guide is not None:
+                x = guide.state(x, s, rows, normal)
             bar.update(1)
         final = denoise(x, 0)  # the last step returns the clipped x0 prediction, no noise (section 5)
+        if guide is not None:
+            final = guide.final(final, rows)
         calls += len(pairs) + 1
         bar.update(1)
         if record_progression and not outputs:

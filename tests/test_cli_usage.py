@@ -65,6 +65,11 @@ CASES = [
     # an unknown command that names no file, and a missing argument
     (["smaple"], "No such command 'smaple'"),
     (["inspect"], "Missing argument"),
+    # the edits (docs/scale_space_edits.md)
+    (["upsample", "some_run"], "Missing argument"),
+    (["vary", "some_run", "image.png"], "Missing option '--level'"),
+    (["interpolate", "some_run", "--seeds", "1"], "requires 2 arguments"),
+    (["upsample", "some_run", "x.png", "--strength", "high"], "Invalid value for '--strength'"),
 ]
 
 
