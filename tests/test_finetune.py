@@ -226,12 +226,33 @@ def test_not_strict_loads_what_fits_and_lists_the_rest(source, tmp_path):
         t.close()
 
 
-def test_more_levels_from_the_same_network_is_strict_compatible(source, tmp_path):
-    """The weights do not depend on the number of SSD levels (a 2-level run from a 3-level one)."""
-    t = trainer(config(tmp_path, "levels2", process={"levels": 2},
+def test_fewer_and_more_levels(source, tmp_path):
+    """SSD levels decide which entry adapters exist: 2 levels from a 3-level run leave its
+    4 px entry adapter over (strict: an error; not strict: listed as ignored), and 3 levels
+    from that 2-level run have a new one (kept at its initial value, listed)."""
+    from ssd_keras.finetune import InitError
+
+    with pytest.raises(InitError, match=r"tensor adapters_in_to_64/kernel \(1, 1, 32, 64\) is "
+                                        r"not part of this network"):
+        trainer(config(tmp_path, "levels2_strict", process={"levels": 2},
                        train={"init_from": str(source["run"])}))
+    t = trainer(config(tmp_path, "levels2", process={"levels": 2},
+                       train={"init_from": str(source["run"]), "init_strict": False}))
     try:
-        assert t.initialized_from.loaded == len(t.model.trainable_variables)
+        r = t.initialized_from
+        assert r.loaded == len(t.model.trainable_variables) and not r.kept
+        assert sorted(r.ignored) == ["adapters_in_to_64/bias", "adapters_in_to_64/kernel"]
+        t.save()  # a 2-level checkpoint at step 0
+    finally:
+        t.close()
+    t = trainer(config(tmp_path, "levels3", train={"init_from": str(t.run_dir),
+                                                   "init_strict": False}))
+    try:
+        r = t.initialized_from
+        assert [k.split(" ")[0] for k in r.kept] == ["adapters_in_to_64/kernel",
+                                                      "adapters_in_to_64/bias"]
+        assert all("not in the source" in k for k in r.kept) and not r.ignored
+        assert r.loaded == len(t.model.trainable_variables) - 2
     finally:
         t.close()
 
