@@ -542,6 +542,15 @@ def load_torch_file(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_torch_state_dict(arrays, file) -> None:
+    """``torch.save`` of a state_dict made of the numpy ``arrays`` (name -> array, in
+    order) into the binary ``file``: what ``load_state_dict`` of a torch module reads."""
+    import numpy as np
+    import torch
+
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, file)
+
+
 def torch_tensor_to_numpy(value):
     """A float32 numpy copy of a torch tensor, or ``None`` if ``value`` is no tensor."""
     import torch

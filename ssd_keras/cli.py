@@ -22,6 +22,7 @@ app = typer.Typer(
         "Train:   ssd-run PIPELINE.toml [--set section.key=value ...]\n\n"
         "Sample:  ssd-run sample [RUN] --steps 250\n\n"
         "Import:  ssd-run import OFFICIAL_CHECKPOINT.pt\n\n"
+        "Export:  ssd-run export RUN --format official|safetensors --out FILE\n\n"
         "Inspect: ssd-run inspect PIPELINE.toml"
     ),
     no_args_is_help=True,
@@ -63,11 +64,14 @@ def train(
         False, "--allow-config-change", help="Resume even if model/process keys changed."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar."),
+    init_from: Optional[str] = _unset(
+        "Start a new run from these weights (train.init_from): a run, a checkpoint, an official "
+        ".pt or an exported .safetensors (docs/finetune.md)."),
 ):
     """Train (or resume) the run of a pipeline: runs/<run.name>/."""
     from .config import load_pipeline
 
-    cfg = load_pipeline(pipeline, set_)
+    cfg = load_pipeline(pipeline, list(set_) + ([f"train.init_from={init_from}"] if init_from else []))
     if steps is not None and steps < 1:
         raise UserError(f"--steps {steps}: must be >= 1")
     from .train import Trainer  # Keras and torch: seconds, so after the cheap checks
@@ -80,6 +84,8 @@ def train(
         n = trainer.dist.world_size
         say(f"{where}; training to step {cfg.train.steps} (backend {_backend()}"
             + (f", {n} processes of {cfg.train.batch_size // n} images)" if n > 1 else ")"))
+        if trainer.initialized_from is not None:
+            say(trainer.initialized_from.summary())
         summary = trainer.fit(steps)
         rate = summary["steps_run"] / max(summary["seconds"], 1e-9)
         say(
@@ -435,7 +441,7 @@ def interpolate(
 # ---------------------------------------------------------------------------- import
 @app.command("import")
 def import_(
-    checkpoint: Path = typer.Argument(..., help="An official SSD checkpoint (a PyTorch state_dict .pt)."),
+    checkpoint: Path = typer.Argument(..., help="An official SSD checkpoint (a PyTorch state_dict .pt), or a .safetensors file of ssd-run export."),
     pipeline: Optional[Path] = _unset(
         "The pipeline it was trained with (default: found from the tensor shapes and file name)."),
     name: Optional[str] = _unset("Run name (default: the checkpoint's file stem)."),
@@ -446,6 +452,9 @@ def import_(
 
     report = import_checkpoint(checkpoint, pipeline=pipeline, name=name, runs_dir=runs_dir)
     _say(f"pipeline {report.reason}")
+    if checkpoint.suffix.lower() == ".safetensors":
+        _say(f"wrote {report.run_dir} (step {report.step}, {report.run_parameters:,} parameters)")
+        return
     _say(f"official network: {report.official_parameters:,} parameters; the paths run "
          f"{report.run_parameters:,} of them")
     if report.unused:
@@ -453,6 +462,33 @@ def import_(
              f"import.json): {summarize_unused(report.unused)}")
     _say(f"wrote {report.run_dir} (step {report.step}); sample it with: "
          f"ssd-run sample {report.run_dir} --steps 250")
+
+
+# ---------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="Run directory or name."),
+    format: str = typer.Option(..., "--format", help="official (a PyTorch state_dict of the official "
+                               "FlexiUNet) | safetensors (our variable paths, pipeline in the metadata)."),
+    out: Path = typer.Option(..., "--out", help="The weights file to write (a model card <stem>.md "
+                             "is written beside it)."),
+    ema: bool = typer.Option(True, "--ema/--raw", help="The EMA weights (default) or the raw ones."),
+    checkpoint: Optional[Path] = _unset("A checkpoint file (default: the run's newest)."),
+    runs_dir: Path = RUNS_DIR,
+):
+    """Write a run's weights for other tools: the official code, or safetensors (docs/finetune.md)."""
+    from .export import FORMATS, export_run
+    from .runs import find_run
+
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r}: must be one of {', '.join(FORMATS)}")
+    report = export_run(find_run(run, runs_dir), format, out, ema=ema, checkpoint=checkpoint)
+    _say(f"wrote {report.out} ({report.tensors} tensors, {report.weights} weights of step "
+         f"{report.step}) and the model card {report.card}")
+    if report.fill.get("zeros") or report.fill.get("copied"):
+        _say(f"official layout: {len(report.fill['copied'])} copies of shared adapters, "
+             f"{len(report.fill['zeros'])} zero tensors of the block no path runs "
+             f"({', '.join(sorted({'.'.join(k.split('.')[:2]) for k in report.fill['zeros']}))})")
 
 
 # ---------------------------------------------------------------------------- runs

@@ -208,6 +208,13 @@ class TrainConfig:
     graph: Graph = Field("trace", description="torch: forward passes replay a torch.jit.trace "
                                              "of each path (same gradients); only when "
                                              "model.dropout = 0")
+    # fine-tuning (docs/finetune.md): the weights a fresh run starts from
+    init_from: Str = Field("", description="a run (directory or name), one of its checkpoint "
+                                           "files, an official .pt or an exported .safetensors; "
+                                           "read once, when the run starts (not on resume)")
+    init_weights: Literal["ema", "raw"] = Field("ema", description="which weights of the source")
+    init_strict: Bool = Field(True, description="false: load every tensor that fits and list "
+                                                "the rest")
 
 
 @_section

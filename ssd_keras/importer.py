@@ -113,6 +113,8 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
     from .runs import CHANNELS
 
     checkpoint = Path(checkpoint)
+    if checkpoint.suffix.lower() == ".safetensors":  # an ssd-run export: it names its pipeline
+        return import_safetensors(checkpoint, pipeline=pipeline, name=name, runs_dir=runs_dir)
     tensors = read_state_dict(checkpoint)
     if pipeline is not None:
         cfg = load_pipeline(pipeline)
@@ -142,6 +144,15 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
         "run_parameters": int(model.count_params()),
         "never_run": unused,
     }
+    write_run(model, cfg, step, record, run_dir, header=f"imported from {checkpoint.name} ({reason})")
+    return ImportReport(run_dir, reason.split(":")[0], reason, official_count,
+                        int(model.count_params()), unused, step)
+
+
+def write_run(model, cfg: PipelineConfig, step: int, record: dict, run_dir: Path, *,
+              header: str) -> None:
+    """Write ``run_dir`` (``config.toml``, ``import.json``, one checkpoint whose model and
+    EMA weights are ``model``'s) through a temporary directory renamed into place."""
     from keras import ops
 
     groups = {
@@ -151,14 +162,12 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
     meta = {"config": cfg.to_dict(), "imported_from": record}
     names = {"model": variable_names(model.variables),
              "ema": variable_names(model.trainable_variables)}
-    runs_dir = Path(runs_dir)
+    runs_dir, run_name = run_dir.parent, run_dir.name
     runs_dir.mkdir(parents=True, exist_ok=True)
     staging = runs_dir / f".tmp-import-{run_name}-{os.getpid()}"
     try:
         (staging / "checkpoints").mkdir(parents=True)
-        (staging / "config.toml").write_text(
-            cfg.to_toml(header=f"imported from {checkpoint.name} ({reason})")
-        )
+        (staging / "config.toml").write_text(cfg.to_toml(header=header))
         (staging / "import.json").write_text(json.dumps(record, indent=2) + "\n")
         save_checkpoint(staging / "checkpoints", step, groups, meta, names)
         os.rename(staging, run_dir)
@@ -166,8 +175,44 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     assert checkpoint_path(run_dir / "checkpoints", step).is_file()
-    return ImportReport(run_dir, reason.split(":")[0], reason, official_count,
-                        int(model.count_params()), unused, step)
+
+
+def import_safetensors(path: Path, *, pipeline=None, name: str | None = None,
+                       runs_dir=Path("runs")) -> ImportReport:
+    """A safetensors file written by ``ssd-run export`` becomes a run: its metadata holds
+    the pipeline (``--pipeline`` may name another that fits), its tensors are keyed by
+    our variable paths and must fit them exactly (the first one at fault is named)."""
+    from .builders import build_model
+    from .export import pipeline_of, read_safetensors
+    from .finetune import match_named
+    from .runs import CHANNELS
+
+    tensors, meta = read_safetensors(path)
+    if pipeline is not None:
+        cfg, reason = load_pipeline(pipeline), f"{Path(pipeline).name}: named with --pipeline"
+    else:
+        cfg, reason = pipeline_of(meta, str(path)), f"{path.name}: the pipeline in its metadata"
+    run_name = name or path.stem
+    cfg = cfg.replace(run={"name": run_name, "output_dir": str(runs_dir)})
+    run_dir = Path(runs_dir) / run_name
+    if run_dir.exists():
+        raise OfficialCheckpointError(
+            f"{run_dir} already exists; choose another name with --name (nothing was changed)"
+        )
+    model = build_model(cfg, precision="float32", channels=CHANNELS)
+    arrays, _, _ = match_named(model.trainable_variables, tensors, strict=True, source=str(path),
+                              hint=False)
+    for variable, array in zip(model.trainable_variables, arrays):
+        variable.assign(array)
+    step = int(meta.get("step") or 0)
+    record = {"source": str(path.resolve()), "sha256": _sha256(path), "pipeline": reason,
+              "weights": meta.get("weights", ""),
+              "official_parameters": official_parameter_count(_shapes_of(cfg)),
+              "run_parameters": int(model.count_params()), "never_run": []}
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    write_run(model, cfg, step, record, run_dir, header=f"imported from {path.name} ({reason})")
+    return ImportReport(run_dir, reason.split(":")[0], reason, record["official_parameters"],
+                        int(model.count_params()), [], step)
 
 
 def _sha256(path: Path) -> str:

@@ -88,9 +88,15 @@ class Trainer:
                 self.state.restore(groups, meta, self.dist, self.resumed_from, allow_config_change)
                 if self.is_main:
                     self.run.set_aside_unreadable(existing, self.step)
+            # a fresh run from weights trained elsewhere (docs/finetune.md); on resume the
+            # checkpoint holds them and the source is not read again
+            self.initialized_from = (self.state.initialize_from_source()
+                                     if found is None and cfg.train.init_from else None)
             if self.is_main:  # rank 0 alone writes to the run directory
                 self.run.prepare()
                 trim_log(self.log_path, self.step)
+                if self.initialized_from is not None:
+                    self.run.write_json("init_from.json", self.state.init_record)
             if self.dist.world_size > 1:
                 self.state.check_ranks_agree(self.dist)
                 if self.dist.rank:

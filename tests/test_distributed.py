@@ -364,3 +364,36 @@ def test_jax_data_parallel_over_two_host_devices_equals_one_device(tmp_path):
     assert key == tuple(one["key"])
     model = build_model(cfg, channels=3)
     assert_same_first_step(results[2][1], results[1][1], model, key, cfg.train.batch_size)
+
+
+def test_a_run_started_from_init_from_trains_on_two_ranks_and_resumes_on_one(tmp_path):
+    """train.init_from under torchrun: both ranks start from the source's weights (rank 1
+    writes nothing), and the run then resumes on one process without its source."""
+    from ssd_keras.train import Trainer
+
+    source_pipe = pipeline(tmp_path / "src", steps=2, checkpoint_every=2)
+    src = Trainer(load_pipeline(source_pipe), progress=False)
+    src.fit()
+    src.close()
+    source = tmp_path / "source.npz"
+    (tmp_path / "src" / "runs" / "tiny" / "checkpoints" / "ckpt_000000002.npz").rename(source)
+    pipe = pipeline(tmp_path, steps=4, checkpoint_every=2)
+    pipe.write_text(pipe.read_text().replace("[train]\n", f"[train]\ninit_from = '{source}'\n", 1))
+    ranks, infos = run_worker("state", pipe, tmp_path / "out", 2)
+    assert [i["step"] for i in infos] == [2, 2] and infos[1]["writes"] == []
+    for name in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+    run_dir = tmp_path / "runs" / "tiny"
+    groups, meta = load_checkpoint(run_dir / "checkpoints" / "ckpt_000000002.npz")
+    assert meta["world_size"] == 2 and meta["init_from"]["source"] == str(source.resolve())
+    assert json.loads((run_dir / "init_from.json").read_text())["sha256"] == meta["init_from"]["sha256"]
+    source.unlink()  # resuming never reads it
+    trainer = Trainer(load_pipeline(pipe), progress=False)
+    try:
+        assert trainer.step == 2 and trainer.initialized_from is None
+        trainer.fit()
+        assert trainer.step == 4
+    finally:
+        trainer.close()
+    _, meta = load_checkpoint(run_dir / "checkpoints" / "ckpt_000000004.npz")
+    assert meta["init_from"]["sha256"] == json.loads((run_dir / "init_from.json").read_text())["sha256"]

@@ -106,3 +106,13 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"cannot write to the run directory {self.path}: "
                               f"{exc.strerror or exc}") from exc
+
+    def write_json(self, name: str, record: dict) -> None:
+        """Write ``record`` as ``<run>/<name>`` (atomically)."""
+        import json
+
+        try:
+            atomic_write_text(self.path / name, json.dumps(record, indent=2) + "\n")
+        except OSError as exc:
+            raise RunDirError(f"cannot write to the run directory {self.path}: "
+                              f"{exc.strerror or exc}") from exc

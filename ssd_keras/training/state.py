@@ -57,6 +57,17 @@ class TrainState:
         # rows of a resumed run equal an uninterrupted run's
         self.window = LogWindow()
         self.saved_step = None
+        self.init_record = None  # train.init_from's record (finetune.InitReport), if any
+
+    def initialize_from_source(self):
+        """A fresh run's weights from ``train.init_from`` (docs/finetune.md): the model and
+        the EMA take the source's weights; returns the ``finetune.InitReport``."""
+        from ..finetune import initialize
+
+        _, report = initialize(self.model, self.cfg)
+        self.ema = [_copy(v) for v in self.model.trainable_variables]
+        self.init_record = report.to_dict()
+        return report
 
     # ------------------------------------------------------------------ to a checkpoint
     def groups(self) -> dict[str, list[np.ndarray]]:
@@ -88,6 +99,7 @@ class TrainState:
             "skipped": self.skipped,
             "log_window": self.window.state(),
             "backend": keras.backend.backend(),
+            **({"init_from": self.init_record} if self.init_record else {}),
         }
 
     def save(self, ckpt_dir: Path, dist) -> Path:
@@ -171,6 +183,7 @@ class TrainState:
         self.saved_step = step
         self.skipped = int(meta.get("skipped", 0))
         self.window = LogWindow.from_state(meta.get("log_window"))
+        self.init_record = meta.get("init_from")  # the source is never read again
 
     def _rank_state(self, meta: dict, rng, data, dist):
         """This rank's ``(rng state, data state)`` from a checkpoint's metadata.
