@@ -159,7 +159,12 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
             t0 = time.perf_counter()
             settings = dict(asdict(s), num_images=want, seed=chunk_seed(s.seed, c))
             result = sample_images(model, process, objective, **settings, progress=progress)
-            save_images(result.images[: stop - start], images, start=start)  # named as name(i)
+            try:
+                save_images(result.images[: stop - start], images, start=start)  # named as name(i)
+            except OSError as exc:  # a full disk: what is written stays, the rest resumes
+                raise EvaluationError(
+                    f"cannot write samples to {images}: {exc.strerror or exc}; the first {start} of "
+                    f"{num_samples} are done; run the same command again to resume") from exc
             seconds += time.perf_counter() - t0
             sampled += stop - start
             bar.update(stop - start)

@@ -344,7 +344,8 @@ def test_a_full_disk_while_sampling_or_making_the_reference_then_resume(setup, c
     count[0], fail_at[0] = 0, 6  # the 6th sample: chunk 1's second image
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "error: No space left on device" in err and "Traceback" not in err
+    assert f"error: cannot write samples to {out / 'images'}: No space left on device" in err
+    assert "run the same command again to resume" in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
 
     count[0], fail_at[0] = 0, 6  # resumed: samples 4, 5 and the grid, then the 3rd reference image
