@@ -26,6 +26,7 @@ import numpy as np
 FORMAT_VERSION = 2  # 1: arrays keyed by position (before the official network)
 _NAME = re.compile(r"^ckpt_(\d{9})\.npz$")
 _TMP_PREFIX = ".tmp-"
+_RELIST_TRIES = 100  # latest_good_checkpoint lists again while a trainer prunes under it
 _UMASK = os.umask(0o022)  # read the process umask (mkstemp creates files 0600) ...
 os.umask(_UMASK)  # ... and put it back
 
@@ -192,14 +193,24 @@ def latest_good_checkpoint(directory: str | Path):
     """``(path, groups, meta)`` of the newest readable checkpoint, or ``None``.
 
     Unreadable files (a disk that filled up, a copy cut short) are skipped with a warning.
+    Safe while a trainer writes to ``directory``: every file under a checkpoint name is
+    complete (``atomic_write``), and one that vanishes between the listing and the read
+    (pruned by the trainer) makes it list again, as it is no damaged file.
     """
-    for step, path in reversed(list_checkpoints(directory)):
-        try:
-            groups, meta = load_checkpoint(path)
-        except CheckpointError as exc:
-            warnings.warn(f"skipping {exc}", stacklevel=2)
-            continue
-        return path, groups, meta
+    for _ in range(_RELIST_TRIES):
+        vanished = False
+        for step, path in reversed(list_checkpoints(directory)):
+            try:
+                groups, meta = load_checkpoint(path)
+            except CheckpointError as exc:
+                if not path.exists():  # pruned meanwhile: newer ones exist now
+                    vanished = True
+                    break
+                warnings.warn(f"skipping {exc}", stacklevel=2)
+                continue
+            return path, groups, meta
+        if not vanished:
+            return None
     return None
 
 

@@ -580,6 +580,7 @@ def main(argv: Optional[list] = None) -> int:
                 typer.echo("interrupted", err=True)
             return code
     except _TYPER_ERRORS as exc:  # usage errors: Typer's usage line, hint and message
+        _name_the_value(exc)
         exc.show()
         if getattr(exc, "ctx", False) is None:  # a message without them (an option's missing value)
             command = f" {args[0]}" if args and args[0] in _command_names() else ""
@@ -596,7 +597,8 @@ def main(argv: Optional[list] = None) -> int:
         typer.echo(str(exc), err=True)
         return 128 + exc.signum if getattr(exc, "signum", None) else 1
     except (ConfigError, CheckpointError, UserError) + _errors_of(
-            "train", "NonFiniteLossError", "RunDirError") as exc:
+            "train", "NonFiniteLossError", "RunDirError") + _errors_of(
+            "run_lock", "FolderLockedError") as exc:
         _error(str(exc))
         return EXIT_USER_ERROR
     except _errors_of("distributed", "DistributedError") as exc:
@@ -621,6 +623,30 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         warnings.showwarning = previous_showwarning
     return 0
+
+
+# what a value that failed Typer's conversion should have been, by pydantic's error type
+_EXPECTED = {"int_parsing": "an integer", "int_from_float": "an integer", "int_type": "an integer",
+             "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+             "bool_parsing": "true or false", "bool_type": "true or false"}
+
+
+def _name_the_value(exc) -> None:
+    """Make a bad value's message name the value as typed: ``'abc' is not an integer``.
+
+    Newer typers (0.2x, without click) convert values with pydantic, whose message names
+    no value ("Input should be a valid integer"); the value is the ``input`` of the
+    pydantic error the message was made from. Click's own messages already name it."""
+    cause = getattr(exc, "__cause__", None)
+    try:
+        error = cause.errors(include_url=False)[0]
+        raw = error["input"]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return
+    if not hasattr(exc, "message") or not isinstance(raw, str):
+        return
+    expected = _EXPECTED.get(error.get("type"))
+    exc.message = f"{raw!r} is not {expected}" if expected else f"{raw!r}: {exc.message}"
 
 
 def _names_a_file(arg: str) -> bool:

@@ -15,7 +15,12 @@ are the only ones that import a backend:
   all-reduce; a variable with no gradient on a rank counts as zeros there.
 - ``Context.gather_object`` / ``barrier`` / ``close``.
 
-Every collective failure becomes a ``DistributedError`` naming the rank and the cause.
+Every collective failure becomes a ``DistributedError`` naming the rank, the cause and
+the ranks that did not answer: a rank whose collective fails reports so through the
+process group's key-value store and waits a short grace period for the others' reports;
+a rank that sends none (stopped, hung in a file system, dead) is named. The collectives
+time out after ``SSD_DIST_TIMEOUT`` minus that grace, so the error comes within
+``SSD_DIST_TIMEOUT`` (docs/distributed.md, "A crashed or stuck rank").
 
 jax runs data parallelism within one process instead: ``jax_data_parallel`` sets a
 ``keras.distribution.DataParallel`` over the local devices, and ``shard_batch`` lays a
@@ -26,11 +31,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import numpy as np
 
 TIMEOUT_ENV = "SSD_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+_FAILED_KEY = "ssd_keras/collective_failed/"
+
+
+def grace_s(timeout_s: float) -> float:
+    """How long a rank whose collective failed waits for the others' reports: a fifth of
+    ``SSD_DIST_TIMEOUT``, at most 10 s (the collectives get the rest)."""
+    return min(10.0, 0.2 * timeout_s)
 
 
 class DistributedError(RuntimeError):
@@ -81,7 +94,7 @@ class TorchContext:
                 torch.cuda.set_device(self.local_rank)
             self._call("init_process_group", dist.init_process_group,
                        backend="nccl" if gpu else "gloo",
-                       timeout=datetime.timedelta(seconds=timeout_s))
+                       timeout=datetime.timedelta(seconds=timeout_s - grace_s(timeout_s)))
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}"
                                    if torch.cuda.is_available() else "cpu")
 
@@ -92,11 +105,33 @@ class TorchContext:
             if isinstance(exc, DistributedError):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            silent = self._silent_ranks(what)
+            named = (f": rank {', '.join(map(str, silent))} sent no report (stopped, hung or dead)"
+                     if silent else "")
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {what} failed ({first}); another "
                 f"process crashed, was killed or did not answer within {self.timeout_s:.0f} s "
-                f"({TIMEOUT_ENV}); the checkpoints already written are intact"
+                f"({TIMEOUT_ENV}){named}; the checkpoints already written are intact"
             ) from exc
+
+    def _silent_ranks(self, what: str) -> list[int]:
+        """After a failed collective: report it in the process group's store, wait up to
+        ``grace_s`` for every other rank's report, return the ranks that sent none (empty
+        if the store itself cannot be reached: its host may be the rank that is gone)."""
+        try:
+            store = self._dist.distributed_c10d._get_default_store()
+            grace = grace_s(self.timeout_s)
+            store.set_timeout(datetime.timedelta(seconds=grace))
+            store.set(f"{_FAILED_KEY}{self.rank}", what)
+            others = [r for r in range(self.world_size) if r != self.rank]
+            deadline = time.monotonic() + grace
+            while True:
+                silent = [r for r in others if not store.check([f"{_FAILED_KEY}{r}"])]
+                if not silent or time.monotonic() >= deadline:
+                    return silent
+                time.sleep(0.05)
+        except Exception:  # no store (or private API gone): the error names no rank
+            return []
 
     def gather_paths(self, key):
         t = self._torch.tensor([int(key[0]), int(key[1])], dtype=self._torch.int64,

@@ -7,8 +7,11 @@ Three stages, each restartable:
    :func:`chunk_seed` ``(seed, c)``; batches inside a chunk draw from that seed in order,
    so image ``i`` depends only on the seed, ``i``, the chunk size ``C`` and the batch size
    (not on how many images are asked for, nor on where an earlier run stopped). A folder
-   remembers what made its images (``samples.json``); a resumed run skips the chunks whose
-   PNGs all exist and refuses settings that would make different images.
+   remembers what made its images (``samples.json``); a resumed run decodes every PNG
+   already there (:func:`whole_png`), redraws the chunks with one missing, truncated or
+   unreadable (their images come out as in a clean run: same chunk seed), skips the rest,
+   and refuses settings that would make different images. The folder is locked while an
+   evaluation works in it (``ssd_keras/run_lock.py``).
 2. **Reference** (:func:`reference_folder`, :func:`reference_statistics`): the run's data,
    preprocessed as in training without flips, written once as PNGs to a cache folder whose
    name is a hash of the dataset, split, resolution, preprocessing and image count; the
@@ -63,6 +66,27 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
+def whole_png(path: Path, image_size: int | None) -> bool:
+    """Whether ``path`` is a complete, uncorrupted PNG (of ``image_size`` square): its chunk
+    checksums verified and its pixels decoded to the end (a file cut short by a kill or a
+    full disk, or any other damage, is not)."""
+    from PIL import Image, ImageFile
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone let PIL pad cut-off files: not here
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated samples "
+                           "would pass as whole ones")
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG" or (image_size and img.size != (image_size, image_size)):
+                return False
+            img.verify()  # chunk CRCs
+        with Image.open(path) as img:
+            img.load()  # the pixel data, to its last byte
+        return True
+    except Exception:  # PIL reports damage as OSError, SyntaxError, ValueError, zlib.error...
+        return False
+
+
 def _sampler_settings(cfg) -> dict:
     d = cfg.to_dict()["sampler"]
     d.pop("num_images", None)
@@ -91,7 +115,12 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / "samples.json"
     if record.is_file():
-        before = json.loads(record.read_text())
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, ValueError) as exc:
+            raise EvaluationError(
+                f"{record} is unreadable ({exc}): what made the samples in {folder} is unknown; "
+                "give another --out or delete that folder") from None
         diff = sorted(k for k in set(before) | set(made_by) if before.get(k) != made_by.get(k))
         if diff:
             raise EvaluationError(
@@ -103,11 +132,22 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
     images = folder / "images"
     images.mkdir(exist_ok=True)
     name = lambda i: images / f"{i:06d}.png"  # noqa: E731
+    for leftover in images.glob(".*.tmp"):  # the temporary file of a killed or failed write
+        leftover.unlink(missing_ok=True)
     chunks = -(-num_samples // chunk)
-    todo = [c for c in range(chunks)
-            if not all(name(i).is_file() for i in range(c * chunk, min((c + 1) * chunk, num_samples)))]
+    todo, damaged = [], []
+    for c in range(chunks):  # every image already there is decoded: a damaged one is redrawn
+        present = [i for i in range(c * chunk, min((c + 1) * chunk, num_samples)) if name(i).is_file()]
+        bad = [i for i in present if not whole_png(name(i), cfg.process.image_size)]
+        damaged += bad
+        if bad or len(present) < min((c + 1) * chunk, num_samples) - c * chunk:
+            todo.append(c)
     done = num_samples - sum(min((c + 1) * chunk, num_samples) - c * chunk for c in todo)
     seconds, sampled = 0.0, 0
+    if damaged:
+        shown = ", ".join(name(i).name for i in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        say(f"warning: {len(damaged)} unreadable or truncated samples in {images} ({shown}): "
+            "their chunks are sampled again")
     if todo:
         if done:
             say(f"resuming: {done} of {num_samples} samples already in {images}")
@@ -119,13 +159,18 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
             t0 = time.perf_counter()
             settings = dict(asdict(s), num_images=want, seed=chunk_seed(s.seed, c))
             result = sample_images(model, process, objective, **settings, progress=progress)
-            save_images(result.images[: stop - start], images, start=start)  # named as name(i)
+            try:
+                save_images(result.images[: stop - start], images, start=start)  # named as name(i)
+            except OSError as exc:  # a full disk: what is written stays, the rest resumes
+                raise EvaluationError(
+                    f"cannot write samples to {images}: {exc.strerror or exc}; the first {start} of "
+                    f"{num_samples} are done; run the same command again to resume") from exc
             seconds += time.perf_counter() - t0
             sampled += stop - start
             bar.update(stop - start)
         bar.close()
     grid_path = folder / "grid.png"
-    if not grid_path.is_file() or todo:
+    if todo or not whole_png(grid_path, None):
         first = metrics.load_image_folder(images, image_size=cfg.process.image_size, limit=64)
         save_grid(first, grid_path)  # [-1, 1], as save_grid takes them
     return {"sampling_seconds": round(seconds, 3), "sampled_now": sampled}
@@ -189,10 +234,13 @@ def reference_folder(cfg, num_images: int, cache_dir: Path, *, progress: bool = 
             have += len(written)
             bar.update(len(written))
         bar.close()
+        description = {**description, "images_written": n, "key": key}
+        metrics.save_json(description, tmp / "reference.json")
+    except BaseException:  # a full disk, a kill: no half-made folder left to fill it further
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         ds.close()
-    description = {**description, "images_written": n, "key": key}
-    metrics.save_json(description, tmp / "reference.json")
     if folder.exists():  # made meanwhile by another process
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -211,8 +259,12 @@ def reference_statistics(folder: Path, extractor, weights_sha256: str, *, progre
     feats = inception.folder_features(folder / "images", extractor, progress=progress)
     stats = {**inception.fid_statistics(feats), "features": feats}
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **stats)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **stats)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return stats, False
 
 
@@ -237,10 +289,27 @@ def read_reference_npz(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- everything
-def evaluate(cfg, *, out: Path, parts: Callable | None, identity: dict, samples_dir: Path | None = None,
-             samples_limit: int | None = None, weights: Path | None = None, reference: Path | None = None, cache_dir: Path | None = None,
-             progress: bool = True, say: Callable = print) -> dict:
+def evaluate(cfg, *, out: Path, **kwargs) -> dict:
     """Sample (unless ``samples_dir``), measure, write ``out/metrics.json``; returns the result.
+
+    ``out`` is locked meanwhile (``ssd_keras/run_lock.py``): a second evaluation into the
+    same folder raises ``FolderLockedError`` at once. See :func:`_evaluate` for the rest.
+    """
+    from .run_lock import FolderLock
+
+    weights, reference = kwargs.get("weights"), kwargs.get("reference")
+    if weights is not None and not Path(weights).is_file():
+        raise EvaluationError(f"--inception-weights {weights}: no such file")
+    if reference is not None and not Path(reference).is_file():
+        raise EvaluationError(f"--reference {reference}: no such file")
+    with FolderLock(out, "evaluation"):
+        return _evaluate(cfg, out=Path(out), **kwargs)
+
+
+def _evaluate(cfg, *, out: Path, parts: Callable | None, identity: dict, samples_dir: Path | None = None,
+              samples_limit: int | None = None, weights: Path | None = None, reference: Path | None = None,
+              cache_dir: Path | None = None, progress: bool = True, say: Callable = print) -> dict:
+    """``evaluate`` in the locked folder ``out``.
 
     ``cfg``: the run's config with the command line's overrides (``sampler.*``, ``eval.*``);
     ``parts``: gives the model, process and objective for sampling; ``identity``: what
@@ -252,10 +321,6 @@ def evaluate(cfg, *, out: Path, parts: Callable | None, identity: dict, samples_
     cache_dir = Path(cache_dir or e.cache_dir or default_cache_dir())
     notes, timing = [], {}
     result = {**identity}
-    if weights is not None and not Path(weights).is_file():
-        raise EvaluationError(f"--inception-weights {weights}: no such file")
-    if reference is not None and not Path(reference).is_file():
-        raise EvaluationError(f"--reference {reference}: no such file")
     if weights is None:
         say(inception.MISSING_WEIGHTS)
         notes.append(inception.MISSING_WEIGHTS)

@@ -37,7 +37,19 @@ def find_run(run: str | None, runs_dir: Path) -> Path:
     if not runs:
         raise RunNotFoundError(f"no runs with checkpoints under {runs_dir}/; train one first: "
                                "ssd-run PIPELINE.toml")
-    return max(runs, key=lambda r: max(p.stat().st_mtime for p in (r / "checkpoints").glob("ckpt_*.npz")))
+    return max(runs, key=_newest_checkpoint_time)
+
+
+def _newest_checkpoint_time(run_dir: Path) -> float:
+    """The mtime of the run's newest checkpoint; a file pruned by a running trainer
+    between the listing and the look is passed over."""
+    times = []
+    for p in (run_dir / "checkpoints").glob("ckpt_*.npz"):
+        try:
+            times.append(p.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return max(times, default=0.0)
 
 
 def list_runs(runs_dir: Path) -> list[tuple[Path, int | None]]:

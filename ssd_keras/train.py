@@ -23,14 +23,15 @@ from .config import PipelineConfig
 from .objectives import make_objective
 from .runs import CHANNELS
 from .training.log import LOG_FIELDS, LogWindow, append_row, trim as trim_log
-from .training.run_dir import RunDir, RunDirError
+from .training.run_dir import FolderLockedError, RunDir, RunDirError
 from .training.signals import Stopped, StopSignals
 from .training.state import TrainState
 from .training.step import (DataParallelStep, NonFiniteLossError, PathGradients, Step, draw,
                             weighted_mse, with_timesteps)
 
 # what other code imports from here: the trainer, its errors, the log columns
-__all__ = ["Trainer", "Stopped", "NonFiniteLossError", "RunDirError", "LOG_FIELDS"]
+__all__ = ["Trainer", "Stopped", "NonFiniteLossError", "RunDirError", "FolderLockedError",
+           "LOG_FIELDS"]
 
 
 def _from_state(name: str, doc: str) -> property:
@@ -75,8 +76,7 @@ class Trainer:
         try:
             self._jax_distribution = (distributed.jax_data_parallel(cfg)
                                       if backend.BACKEND == "jax" else None)
-            if self.is_main:
-                self.run.check_writable()
+            self.run.claim(self.dist)  # writable, and locked: one job per run directory
             # model (initial weights from run.seed), optimizer, EMA, RNG: a fresh run's state
             self.state = TrainState(cfg, self.data, rank=self.dist.rank)
             # resume: the newest readable checkpoint, if the config still fits it
@@ -222,6 +222,7 @@ class Trainer:
                 self._jax_distribution = None
             self._close_dist()
         finally:
+            self.run.unlock()
             self.signals.restore()
 
     def _close_dist(self) -> None:

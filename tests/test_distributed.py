@@ -397,3 +397,80 @@ def test_a_run_started_from_init_from_trains_on_two_ranks_and_resumes_on_one(tmp
         trainer.close()
     _, meta = load_checkpoint(run_dir / "checkpoints" / "ckpt_000000004.npz")
     assert meta["init_from"]["sha256"] == json.loads((run_dir / "init_from.json").read_text())["sha256"]
+
+
+def test_a_stopped_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path):
+    """Rank 1 is SIGSTOPped mid-run (as a hung file system would hold it): rank 0's next
+    collective times out within SSD_DIST_TIMEOUT and its one error line names rank 1;
+    rank 1, once continued, ends too; every checkpoint loads and the run resumes."""
+    from ssd_keras.distributed import grace_s
+
+    timeout = 20
+    pipe = pipeline(tmp_path, steps=100000, checkpoint_every=5)
+    run_dir = tmp_path / "runs" / "tiny"
+    port = str(_free_port())
+    procs, logs = [], []
+    for rank in range(2):
+        logs.append(open(tmp_path / f"rank{rank}.log", "w"))
+        e = env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SSD_DIST_TIMEOUT=str(timeout))
+        procs.append(subprocess.Popen([sys.executable, "-m", "ssd_keras", "train", str(pipe),
+                                       "--no-progress"], env=e, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT))
+    try:
+        while procs[0].poll() is None and not list_checkpoints(run_dir / "checkpoints"):
+            time.sleep(0.5)
+        assert procs[0].poll() is None, (tmp_path / "rank0.log").read_text()[-3000:]
+        procs[1].send_signal(signal.SIGSTOP)
+        code = procs[0].wait()  # bounded by the collective's timeout
+        procs[1].send_signal(signal.SIGCONT)  # the file system answers again
+        code1 = procs[1].wait()  # its peer is gone: its next collective fails at once
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+        for f in logs:
+            f.close()
+    text = (tmp_path / "rank0.log").read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, text[-3000:]
+    assert errors[0].startswith("error: rank 0 of 2:"), errors
+    assert f"did not answer within {timeout} s (SSD_DIST_TIMEOUT): rank 1 sent no report" in errors[0]
+    assert "Traceback" not in text, text[-3000:]
+    text1 = (tmp_path / "rank1.log").read_text()
+    assert code1 == 1 and "error: rank 1 of 2:" in text1 and "Traceback" not in text1, text1[-3000:]
+    assert 0 < grace_s(timeout) < timeout
+
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    for _, path in ckpts:
+        load_checkpoint(path)  # every file under a checkpoint name is whole
+    last, path = ckpts[-1]
+    from ssd_keras.distributed import Single
+    from ssd_keras.train import Trainer
+
+    cfg = load_pipeline(pipe, ["train.steps=" + str(last + 2)])
+    trainer = Trainer(cfg, progress=False, dist=Single())  # the dead job's lock is stale
+    try:
+        assert trainer.step == last and trainer.resumed_from == path
+        trainer.fit()
+        assert trainer.step == last + 2
+    finally:
+        trainer.close()
+
+
+def test_a_locked_run_ends_every_rank_at_once_with_the_same_error(tmp_path):
+    """Rank 0 alone takes the run's lock; the ranks agree on the outcome, so rank 1 does
+    not wait in a collective for a rank 0 that gave up."""
+    from ssd_keras.run_lock import FolderLock
+
+    pipe = pipeline(tmp_path, steps=4)
+    run_dir = tmp_path / "runs" / "tiny"
+    with FolderLock(run_dir, "run"):  # a job that holds the run (this test process)
+        proc = subprocess.run(torchrun("-m", "ssd_keras", "train", pipe, "--no-progress"),
+                              env=env(SSD_DIST_TIMEOUT="600"), capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(f"error: run {run_dir} is in use by PID {os.getpid()} on host") == 2, text[-4000:]
+    assert not list_checkpoints(run_dir / "checkpoints")
+    assert not (run_dir / "lock.json").exists()  # released by the holder, never rewritten

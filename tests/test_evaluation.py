@@ -264,3 +264,118 @@ def test_chunk_seeds_and_sizes():
     assert evaluation.chunk_seed(1, 3) == evaluation.chunk_seed(1, 3)
     assert evaluation.chunk_size_for(16) == 496 and evaluation.chunk_size_for(16, 32) == 32
     assert evaluation.chunk_size_for(1000) == 1000
+
+
+# ----------------------------------------------------------------------------- damaged folders
+def _clean(setup, capsys):
+    """The clean run's folder (made here if the test that makes it did not run)."""
+    base = setup["tmp"] / "eval_a"
+    if not (base / "metrics.json").is_file():
+        assert run_evaluate(setup, base, "--inception-weights", str(setup["weights"]))[1] == 0
+    capsys.readouterr()
+    return base, json.loads((base / "metrics.json").read_text())
+
+
+def _without_paths(result):
+    out = comparable(result)
+    out["reference"] = {k: v for k, v in out["reference"].items() if k != "images"}
+    return out
+
+
+def test_truncated_or_damaged_samples_are_redrawn_never_counted(setup, capsys):
+    base, clean = _clean(setup, capsys)
+    out = setup["tmp"] / "eval_damaged"
+    shutil.copytree(base, out)
+    (out / "metrics.json").unlink()
+    images = out / "images"
+    whole = (images / "000001.png").read_bytes()
+    (images / "000001.png").write_bytes(whole[: len(whole) // 2])  # cut short (chunk 0)
+    damaged = bytearray((images / "000002.png").read_bytes())
+    damaged[damaged.index(b"IDAT") + 8] ^= 0xFF  # one byte of pixel data: its CRC fails
+    (images / "000002.png").write_bytes(bytes(damaged))
+    (images / "000004.png").write_bytes(b"")  # an empty file (chunk 1)
+    (images / "000005.png").unlink()  # and a chunk half written: its last PNG missing,
+    (images / ".000005.png.tmp").write_bytes(whole[:100])  # the temporary file left
+    assert not evaluation.whole_png(images / "000002.png", 16)
+    assert evaluation.whole_png(images / "000000.png", 16)
+    assert not evaluation.whole_png(images / "000000.png", 32)  # another size is no sample
+
+    _, code = run_evaluate(setup, out, "--inception-weights", str(setup["weights"]))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "warning: 3 unreadable or truncated samples" in text and "000001.png" in text
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["timing"]["sampled_now"] == N  # both chunks drawn again
+    assert comparable(resumed) == comparable(clean)  # FID, KID, P/R, weights-free: all equal
+    for i in range(N):  # the same images as the clean run, bit for bit
+        name = f"{i:06d}.png"
+        assert (images / name).read_bytes() == (base / "images" / name).read_bytes(), name
+    assert not list(images.glob(".*"))
+
+
+def test_a_full_disk_while_sampling_or_making_the_reference_then_resume(setup, capsys, tmp_path,
+                                                                      monkeypatch):
+    """A fault hook fills the disk (ENOSPC) at a chosen PNG write, leaving half of it in
+    its temporary file: once among the samples, once among the reference images."""
+    import errno
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    base, clean = _clean(setup, capsys)
+    real_save, count, fail_at = Image.Image.save, [0], [0]
+
+    def save(self, fp, *args, **kwargs):
+        count[0] += 1
+        if count[0] == fail_at[0]:
+            buf = io.BytesIO()
+            real_save(self, buf, *args, **kwargs)
+            Path(fp).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out, cache = tmp_path / "eval_full", tmp_path / "cache"  # a new cache: the reference is made
+    argv = ["evaluate", "tiny", "--runs-dir", str(setup["runs"]), "-n", str(N), "--steps", "4", "--seed", "1",
+            "--chunk-size", str(CHUNK), "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+            "--inception-weights", str(setup["weights"])]
+
+    count[0], fail_at[0] = 0, 6  # the 6th sample: chunk 1's second image
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write samples to {out / 'images'}: No space left on device" in err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+
+    count[0], fail_at[0] = 0, 6  # resumed: samples 4, 5 and the grid, then the 3rd reference image
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    reference = cache / "reference"
+    assert not [p.name for p in reference.iterdir()], "a half-made reference folder was left"
+    assert not (out / "metrics.json").exists()
+
+    fail_at[0] = -1  # space again
+    assert main(argv) == 0
+    capsys.readouterr()
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert _without_paths(resumed) == _without_paths(clean)
+    for i in range(N):
+        name = f"{i:06d}.png"
+        assert (out / "images" / name).read_bytes() == (base / "images" / name).read_bytes(), name
+    assert not list((out / "images").glob(".*")) and not list(out.glob("*.tmp"))
+
+
+def test_a_second_evaluation_into_the_same_folder_exits_2(setup, capsys):
+    from ssd_keras.run_lock import FolderLock
+
+    out = setup["tmp"] / "eval_locked"
+    with FolderLock(out, "evaluation"):  # another job's (a separate lock in this process)
+        _, code = run_evaluate(setup, out)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"evaluation {out} is in use by PID {os.getpid()}" in lines[0], err
+    assert not (out / "images").exists() and not (out / "metrics.json").exists()
+    _, code = run_evaluate(setup, out)  # free again
+    assert code == 0

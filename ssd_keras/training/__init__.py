@@ -1,6 +1,7 @@
 """The parts of training, one job each; ``ssd_keras.train.Trainer`` puts them together.
 
-- ``run_dir``  the run directory on disk: writable, fresh or resumed, its leftovers
+- ``run_dir``  the run directory on disk: writable, locked (``ssd_keras/run_lock.py``),
+               fresh or resumed, its leftovers
 - ``state``    what a checkpoint holds (weights, EMA, optimizer, RNG, data position) and
                how it is saved and restored
 - ``step``     one optimisation step on one Flexi-UNet path, and its data-parallel variant

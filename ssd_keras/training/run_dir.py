@@ -14,6 +14,9 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError, atomic_write_text, latest_good_checkpoint, list_checkpoints
 from ..config import ConfigError, from_dict, incompatible_keys
+from ..run_lock import FolderLock, FolderLockedError
+
+__all__ = ["RunDir", "RunDirError", "FolderLockedError"]
 
 
 class RunDirError(RuntimeError):
@@ -28,6 +31,37 @@ class RunDir:
         self.path = Path(cfg.run.output_dir) / cfg.run.name
         self.checkpoints = self.path / "checkpoints"
         self.log = self.path / "log.csv"
+        self._lock = None
+
+    def lock(self) -> None:
+        """Take the run's lock (``ssd_keras/run_lock.py``): a second job on this run
+        directory raises ``FolderLockedError`` at once. Held until ``unlock``."""
+        if self._lock is None:
+            self._lock = FolderLock(self.path, "run").acquire()
+
+    def claim(self, dist) -> None:
+        """Rank 0 proves the run directory writable and takes its lock; under data
+        parallelism every rank learns the outcome (one gather) and raises the same error,
+        so no rank waits for a rank 0 that has already given up."""
+        error = None
+        if dist.is_main:
+            try:
+                self.check_writable()
+                self.lock()
+            except (RunDirError, FolderLockedError) as exc:
+                error = exc
+        if dist.world_size > 1:
+            first = dist.gather_object(None if error is None else
+                                       (isinstance(error, FolderLockedError), str(error)))[0]
+            if first is not None and error is None:
+                error = (FolderLockedError if first[0] else RunDirError)(first[1])
+        if error is not None:
+            raise error
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def check_writable(self) -> None:
         """Create the run directory and prove it writable (fail before any work)."""
