@@ -342,3 +342,25 @@ def test_jax_data_parallel_over_two_host_devices_equals_one_device(tmp_path):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=2e-6, err_msg=name)
     assert len(a) > 10
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_nan_gradient_on_one_rank_is_decided_by_all_ranks_together(tmp_path, policy):
+    """Rank 1's gradients are NaN at step 2, its loss finite: the averaged gradients are
+    NaN on both ranks, so both skip the step (weights, EMA and optimizer state as after
+    step 1, then training goes on) or both stop at it, nothing applied."""
+    pipe = pipeline(tmp_path)
+    pipe.write_text(pipe.read_text().replace("[train]\n", f'[train]\non_nonfinite = "{policy}"\n'))
+    ranks, infos = run_worker("nan_grad", pipe, tmp_path / "out", 3)
+    assert infos[0]["digests"] == infos[1]["digests"]
+    for info in infos:
+        if policy == "skip":
+            assert info["error"] is None and info["step"] == 3 and info["skipped"] == 1
+            first, second, third = info["digests"]
+            assert second == first and third != second
+        else:
+            assert info["step"] == 1 and len(info["digests"]) == 1
+            assert "non-finite gradients" in info["error"] and "at step 2" in info["error"]
+    for name in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+        assert np.isfinite(ranks[0][name]).all(), name

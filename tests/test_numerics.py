@@ -8,6 +8,7 @@ Tiny model (tests/test_end_to_end.py's), fixed seeds, a few steps each.
 import numpy as np
 import pytest
 
+from _dist_worker import poisoned_loss_fn, zero_weight_at
 from test_end_to_end import TINY, write_images
 
 from ssd_keras.config import load_pipeline
@@ -50,39 +51,10 @@ def assert_same(a, b):
 
 # ----------------------------------------------------------------- a NaN gradient, finite loss
 def poison_gradients(monkeypatch):
-    """Make the loss's gradient NaN, with the loss finite and unchanged, in the steps
-    whose batch has an image of weight 0 (``zero_weight_at``). Data-dependent, so that
-    compiled gradient functions (jax, tensorflow) see it too: the added term
-    ``sqrt(mean|p - p| + e) - sqrt(e)`` is exactly 0; its gradient is exactly 0 when
-    ``e = min(weight) > 0`` and NaN (inf * 0) when ``e = 0``."""
-    from keras import ops
-
+    """NaN gradients with a finite loss in the steps ``zero_weight_at`` marks."""
     from ssd_keras.train import Trainer
 
-    original = Trainer._loss_fn
-
-    def loss_fn(self, prediction, target, weight):
-        p = ops.cast(prediction, "float32")
-        e = ops.min(weight)
-        return (original(self, prediction, target, weight)
-                + (ops.sqrt(ops.mean(ops.abs(p - p)) + e) - ops.sqrt(e)))
-
-    monkeypatch.setattr(Trainer, "_loss_fn", loss_fn)
-
-
-def zero_weight_at(trainer, steps):
-    """The first image of the batch gets loss weight 0 at the given (1-based) steps."""
-    objective = trainer.objective
-    original = objective.training_example
-
-    def training_example(x0, t, noise):
-        x_t, target, weight = original(x0, t, noise)
-        if trainer.step + 1 in steps:
-            weight = np.array(weight, np.float32)
-            weight[0] = 0.0
-        return x_t, target, weight
-
-    objective.training_example = training_example
+    monkeypatch.setattr(Trainer, "_loss_fn", poisoned_loss_fn(Trainer._loss_fn))
 
 
 @pytest.mark.backend
