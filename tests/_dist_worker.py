@@ -110,6 +110,16 @@ def main(mode, pipeline, out, steps):
             return real_atomic(path, write)
 
         builtins.open, checkpoint.atomic_write = spy_open, spy_atomic
+    from ssd_keras import distributed
+
+    early = []  # per step: the buckets launched during the backward pass (before finish)
+    finish = distributed.BucketedReduction.finish
+
+    def recording_finish(self, *a, **k):
+        early.append(len(self.works))
+        return finish(self, *a, **k)
+
+    distributed.BucketedReduction.finish = recording_finish
     cfg = load_pipeline(pipeline)
     if mode == "nan_grad":
         Trainer._loss_fn = poisoned_loss_fn(Trainer._loss_fn)
@@ -151,7 +161,7 @@ def main(mode, pipeline, out, steps):
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump({"paths": paths, "writes": writes, "step": trainer.step,
                        "world_size": trainer.dist.world_size, "digests": digests,
-                       "error": error, "skipped": trainer.skipped}, f)
+                       "error": error, "skipped": trainer.skipped, "early": early}, f)
     finally:
         trainer.close()
 

@@ -88,6 +88,26 @@ def test_ranks_stay_bitwise_identical_and_only_rank0_writes(tmp_path):
         np.testing.assert_array_equal(w, ranks[0][f"e{i:04d}"])
 
 
+def test_buckets_overlapped_with_the_backward_pass_give_the_same_bits(tmp_path):
+    """train.allreduce_bucket_mb = 0.02 (tens of buckets, most launched from gradient hooks
+    during the backward pass, ranks on different paths) against 0 (one all-reduce after
+    it): the same weights, EMA and optimizer state bit for bit (each element is the same
+    sum of the same two gradients), on both ranks."""
+    results = {}
+    for mb in (0, 0.02):
+        pipe = pipeline(tmp_path / f"mb{mb}", steps=4, checkpoint_every=4)
+        pipe.write_text(pipe.read_text().replace("[train]\n", f"[train]\nallreduce_bucket_mb = {mb}\n"))
+        results[mb] = run_worker("state", pipe, tmp_path / f"mb{mb}" / "out", 4)
+    (one, one_info), (bucketed, info) = results[0], results[0.02]
+    assert one_info[0]["paths"] == info[0]["paths"] and one_info[1]["paths"] == info[1]["paths"]
+    assert any(a != b for a, b in zip(info[0]["paths"], info[1]["paths"])), info
+    assert all(e == 0 for i in one_info for e in i["early"])  # one bucket, after the backward
+    assert all(e >= 5 for i in info for e in i["early"]), [i["early"] for i in info]
+    for r in range(2):
+        for name in one[r]:
+            np.testing.assert_array_equal(bucketed[r][name], one[r][name], err_msg=name)
+
+
 def test_two_ranks_on_one_path_equal_one_process_on_the_whole_batch(tmp_path):
     from ssd_keras.distributed import Single
     from ssd_keras.train import Trainer
