@@ -606,3 +606,12 @@ def to_host(scalars) -> list[float]:
         return [float(v) for v in jax.device_get(list(scalars))]
     return [float(v) for v in ops.convert_to_numpy(
         ops.stack([ops.cast(ops.reshape(s, ()), "float32") for s in scalars]))]
+
+
+def float16_unsupported() -> str | None:
+    """Why ``mixed_float16`` cannot train here, or ``None``: jax's CPU backend has no
+    float16 matrix product with float32 accumulation (what Keras asks of it)."""
+    if BACKEND == "jax" and jax.default_backend() == "cpu":
+        return ("jax's CPU backend has no float16 matrix product with float32 accumulation; "
+                "on the CPU use mixed_bfloat16 or float32 (float16 needs a GPU under jax)")
+    return None

@@ -125,7 +125,7 @@ class TorchContext:
         layout = self._layouts.get(key)
         if layout is None:
             layout = self._layouts[key] = _BucketLayout(
-                self._torch, variables, self.bucket_bytes, N_TOTALS, self.device)
+                variables, self.bucket_bytes, N_TOTALS, self.device)
         for v in variables:
             param = v.value
             if id(param) not in self._hooked:  # once per parameter, for all steps
@@ -260,12 +260,12 @@ def shard_batch(distribution, *tensors):
 
 class _BucketLayout:
     """Where each gradient of a union of variables goes in the flat float32 buffers that
-    are all-reduced: buckets of about ``bucket_bytes`` in reverse model order (the order
+    a step all-reduces: buckets of about ``bucket_bytes`` in reverse model order (the order
     in which the backward pass produces the gradients), the last bucket followed by
     ``n_totals`` slots for the step's sums. ``bucket_bytes = 0``: one bucket. Built once
     per union; the same on every rank, as the union is."""
 
-    def __init__(self, torch, variables, bucket_bytes: int, n_totals: int, device):
+    def __init__(self, variables, bucket_bytes: int, n_totals: int, device):
         self.variables = list(variables)
         sizes = [int(np.prod(v.shape)) for v in self.variables]
         buckets: list[list[int]] = [[]]  # indices into variables
@@ -287,13 +287,8 @@ class _BucketLayout:
             lengths.append(offset)
         lengths[-1] += n_totals
         self.n_totals = n_totals
-        self.flats = [torch.zeros(n, dtype=torch.float32, device=device) for n in lengths]
-        self.views = [None] * len(self.variables)  # per variable: its slice of a flat
-        for b, members in enumerate(buckets):
-            for i in members:
-                _, offset, size = self.slots[id(self.variables[i].value)]
-                self.views[i] = self.flats[b][offset: offset + size].view(
-                    tuple(self.variables[i].shape))
+        self.lengths = lengths  # the buffers are allocated per step: layouts of many unions
+        self.device = device    # are kept, a union's buffers only while its step runs
 
 
 class BucketedReduction:
@@ -312,7 +307,8 @@ class BucketedReduction:
         torch = context._torch
         self.context, self.layout = context, layout
         self.torch = torch
-        torch._foreach_zero_(layout.flats)
+        self.flats = [torch.zeros(n, dtype=torch.float32, device=layout.device)
+                      for n in layout.lengths]
         path = {id(v.value) for v in path_variables}
         self.pending = [sum(id(layout.variables[i].value) in path for i in members)
                         for members in layout.buckets]
@@ -325,24 +321,24 @@ class BucketedReduction:
             return
         b, offset, size = slot
         with self.torch.no_grad():
-            self.layout.flats[b][offset: offset + size].copy_(param.grad.reshape(-1))
+            self.flats[b][offset: offset + size].copy_(param.grad.reshape(-1))
         self.pending[b] -= 1
         if self.pending[b] == 0:
             self._launch_ready()
 
     def _launch_ready(self) -> None:
-        last = len(self.layout.flats) - 1
+        last = len(self.flats) - 1
         while len(self.works) < last and self.pending[len(self.works)] == 0:
-            self.works.append(self.context._all_reduce(self.layout.flats[len(self.works)]))
+            self.works.append(self.context._all_reduce(self.flats[len(self.works)]))
 
     def finish(self, grads, loss, flags):
         """``(averaged gradients of the union, sums)``: both on the device, nothing read
         back to the host. ``grads`` are the path's own (unused here: the hooks copied
         them); ``loss`` is this rank's loss tensor; ``flags`` are floats summed over the
         ranks. The sums are ``[finite losses, non-finite losses, *flags]``."""
-        torch, layout = self.torch, self.layout
+        torch, layout, flats = self.torch, self.layout, self.flats
         self.context._reduction = None
-        tail = layout.flats[-1][-layout.n_totals:]
+        tail = flats[-1][-layout.n_totals:]
         with torch.no_grad():
             loss = loss.detach().reshape(()).to(torch.float32)
             bad = ~torch.isfinite(loss)
@@ -350,15 +346,18 @@ class BucketedReduction:
             tail[1].copy_(bad.to(torch.float32))
             for i, flag in enumerate(flags):
                 tail[2 + i].fill_(float(flag))
-        while len(self.works) < len(layout.flats):  # the rest, in bucket order
-            self.works.append(self.context._all_reduce(layout.flats[len(self.works)]))
+        while len(self.works) < len(flats):  # the rest, in bucket order
+            self.works.append(self.context._all_reduce(flats[len(self.works)]))
         for work in self.works:
             self.context._call("all_reduce (gradients)", work.wait)
         n = self.context.world_size
         with torch.no_grad():
-            grads_part = [f for f in layout.flats[:-1]] + [layout.flats[-1][:-layout.n_totals]]
-            torch._foreach_div_(grads_part, float(n))
-        return list(layout.views), tail
+            torch._foreach_div_(flats[:-1] + [flats[-1][:-layout.n_totals]], float(n))
+        averaged = [None] * len(layout.variables)
+        for v_index, v in enumerate(layout.variables):
+            b, offset, size = layout.slots[id(v.value)]
+            averaged[v_index] = flats[b][offset: offset + size].view(tuple(v.shape))
+        return averaged, tail
 
     def abandon(self) -> None:
         """The backward pass failed: no more buckets are launched from its hooks."""

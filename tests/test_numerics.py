@@ -124,11 +124,32 @@ def test_loss_scale_floor_non_finite_loss_and_fixed_scale():
 
 
 # ----------------------------------------------------------------- float16: the loss scale
+def needs_float16():
+    from ssd_keras import backend
+
+    why = backend.float16_unsupported()
+    if why:  # jax on the CPU (test_float16_where_unsupported_is_a_clear_config_error)
+        pytest.skip(why)
+
+
+@pytest.mark.backend
+def test_float16_where_unsupported_is_a_clear_config_error(pipe):
+    from ssd_keras import backend
+    from ssd_keras.config import ConfigError
+
+    if backend.float16_unsupported() is None:
+        trainer_for(pipe, "train.precision=mixed_float16").close()  # builds and runs below
+        return
+    with pytest.raises(ConfigError, match='train.precision = "mixed_float16": jax'):
+        trainer_for(pipe, "train.precision=mixed_float16")
+
+
 @pytest.mark.backend
 def test_float16_overflow_skips_the_step_and_halves_the_scale(pipe):
     """A scale of 2^100 overflows float16 in the backward pass (the loss itself, float32,
     stays finite): the step is skipped, the scale halved, the weights, the EMA and AdamW's
     state untouched, and the run goes on although on_nonfinite = "stop"."""
+    needs_float16()
     trainer = trainer_for(pipe, "train.precision=mixed_float16",
                           f"train.loss_scale_init={2.0 ** 100}")
     try:
@@ -169,6 +190,7 @@ def test_float16_small_gradients_flush_to_zero_without_the_loss_scale_and_not_wi
     """With the loss multiplied by 2^-20 (a small loss), the float16 backward pass flushes
     every gradient to zero at scale 1; at scale 2^24 none, and the unscaled gradients equal
     float32's within 8 float16 rounding units (measured: 6.8e-4 = 1.4 units)."""
+    needs_float16()
     from ssd_keras.train import Trainer
 
     original = Trainer._loss_fn
@@ -198,6 +220,7 @@ def test_float16_small_gradients_flush_to_zero_without_the_loss_scale_and_not_wi
 def test_float16_scale_grows_after_clean_steps_and_round_trips_a_checkpoint(pipe, tmp_path):
     """Growth every 3 clean steps from 2^8; the scale and its clean-step count are saved
     and restored, and a run resumed at step 4 is bitwise the uninterrupted run at step 6."""
+    needs_float16()
     over = ["train.precision=mixed_float16", f"train.loss_scale_init={2.0 ** 8}",
             "train.loss_scale_growth_interval=3", "train.checkpoint_every=4"]
     trainer = trainer_for(pipe, *over, "train.steps=6")
