@@ -3,15 +3,18 @@ and the communication share of a step (docs/distributed.md).
 
 Each configuration is a real ``torchrun --standalone`` job (gloo on CPU) running
 ``Trainer.train_step`` on the pipeline's data at the same *global* batch, so 2 processes
-each get half of it. Per step, rank 0 times the whole step and the collectives the trainer
-makes (the all-gather of the paths and the one all-reduce of the gradients); the latter
-includes waiting for the slower rank, which differs in path and hence in cost. After the
-timed steps, the pure cost of that all-reduce is measured alone (a barrier first, so no
-rank waits for another): an all-reduce of the whole model's gradients, the largest the
-trainer ever sends.
+each get half of it. 2 processes run twice: with ``train.allreduce_bucket_mb = 0`` (one
+all-reduce after the backward pass) and with ``--bucket-mb`` (buckets all-reduced from
+gradient hooks while the backward pass runs). Per step, rank 0 times the whole step and
+the communication the step waits for: the all-gather of the paths and
+``BucketedReduction.finish`` (the buckets not yet launched, waiting for all of them);
+that includes waiting for the slower rank, which differs in path and hence in cost
+(``--same-path`` puts both ranks on one path per step to take that out). After the
+timed steps, the pure cost of one all-reduce of the whole model's gradients is measured
+alone (a barrier first, so no rank waits for another).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_distributed.py                # quickstart
-    python benchmarks/bench_distributed.py --steps 40 --set train.batch_size=64
+    python benchmarks/bench_distributed.py --steps 40 --set train.batch_size=64 --same-path
 
 Every process runs with ``--threads`` intra-op threads (default 1), so 2 processes use 2
 cores where 1 process uses 1: on this 2-core machine the comparison is "same per-process
@@ -35,11 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args) -> None:
     import numpy as np
 
+    from ssd_keras import distributed
     from ssd_keras.config import load_pipeline
     from ssd_keras.train import Trainer
 
     cfg = load_pipeline(args.pipeline, list(args.set) + [f"run.output_dir={args.out}",
-                                                        "run.name=bench"])
+                                                        "run.name=bench",
+                                                        f"train.allreduce_bucket_mb={args.bucket}"])
     trainer = Trainer(cfg, resume=False, progress=False)
     dist = trainer.dist
     comm = [0.0]
@@ -54,15 +59,19 @@ def worker(args) -> None:
         return call
 
     dist.gather_paths = timed(dist.gather_paths)
-    dist.reduce_step = timed(dist.reduce_step)
+    distributed.BucketedReduction.finish = timed(distributed.BucketedReduction.finish)
     steps, comms = [], []
     try:
         for i in range(args.warmup + args.steps):
             comm[0] = 0.0
             x0 = next(trainer.data)
+            t = None
+            if args.same_path:  # the same timesteps (hence path) on every rank
+                t = trainer.process.sample_training_timesteps(np.random.default_rng([7, i]),
+                                                              x0.shape[0])
             dist.barrier()
             start = time.perf_counter()
-            trainer.train_step(x0)
+            trainer.train_step(x0, t)
             if i >= args.warmup:
                 steps.append(time.perf_counter() - start)
                 comms.append(comm[0])
@@ -90,12 +99,14 @@ def worker(args) -> None:
         trainer.close()
 
 
-def launch(args, nproc: int) -> dict:
+def launch(args, nproc: int, bucket: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", __file__, "--worker", "--out", out,
                "--pipeline", str(args.pipeline), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), "--bucket", str(bucket)]
+        if args.same_path:
+            cmd.append("--same-path")
         for s in args.set:
             cmd += ["--set", s]
         env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS=str(args.threads),
@@ -116,6 +127,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--rounds", type=int, default=2, help="1- and 2-process jobs, interleaved")
+    p.add_argument("--bucket-mb", type=float, default=1.0,
+                   help="train.allreduce_bucket_mb of the overlapped run (the other: 0)")
+    p.add_argument("--same-path", action="store_true",
+                   help="every rank trains the same path in each step (no load imbalance)")
+    p.add_argument("--bucket", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -124,23 +140,27 @@ def main() -> None:
         return
     print(f"CPUs: {os.cpu_count()}, load average: {os.getloadavg()}, threads per process: "
           f"{args.threads}, pipeline: {args.pipeline.name} {' '.join(args.set)}")
-    results = {1: [], 2: []}
+    configs = [(1, 0.0), (2, 0.0), (2, args.bucket_mb)]
+    results = {c: [] for c in configs}
     for _ in range(args.rounds):  # interleaved: the machine's load changes over time
-        for n in (1, 2):
-            results[n].append(launch(args, n))
+        for c in configs:
+            results[c].append(launch(args, *c))
     base = None
-    print(f"{'processes':>9} {'batch':>5} {'step ms':>8} {'images/s':>9} {'speed-up':>8} "
-          f"{'collectives':>11} {'share':>6} {'pure all-reduce':>15}")
-    for n in (1, 2):
-        r = min(results[n], key=lambda x: x["step_s"])  # the least disturbed round
+    print(f"{'processes':>9} {'bucket MB':>9} {'batch':>5} {'step ms':>8} {'images/s':>9} "
+          f"{'speed-up':>8} {'comm waited':>11} {'share':>6} {'pure all-reduce':>15}")
+    for n, bucket in configs:
+        r = min(results[n, bucket], key=lambda x: x["step_s"])  # the least disturbed round
         rate = r["batch"] / r["step_s"]
         base = base or rate
-        print(f"{n:>9} {r['batch']:>5} {1000 * r['step_s']:>8.1f} {rate:>9.1f} {rate / base:>8.2f} "
-              f"{1000 * r['comm_s']:>9.1f}ms {r['comm_s'] / r['step_s']:>6.1%} "
+        label = "-" if n == 1 else ("0 (after)" if not bucket else f"{bucket:g}")
+        print(f"{n:>9} {label:>9} {r['batch']:>5} {1000 * r['step_s']:>8.1f} {rate:>9.1f} "
+              f"{rate / base:>8.2f} {1000 * r['comm_s']:>9.1f}ms {r['comm_s'] / r['step_s']:>6.1%} "
               f"{1000 * r['pure_allreduce_s']:>12.2f} ms")
-    r = min(results[2], key=lambda x: x["step_s"])
+    r = min(results[2, 0.0], key=lambda x: x["step_s"])
     print(f"model: {r['params'] / 1e6:.2f} M parameters = {4 * r['params'] / 1e6:.1f} MB of float32 "
-          f"gradients per all-reduce (at most); 'collectives' includes waiting for the slower rank")
+          f"gradients per all-reduce (at most); 'comm waited' includes waiting for the slower "
+          f"rank{' (both on one path per step)' if args.same_path else ''}")
+    print("JSON " + json.dumps({f"{n}x{b:g}": v for (n, b), v in results.items()}))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,14 @@ def build_process(cfg: PipelineConfig) -> ScaleSpaceProcess:
 
 def build_model(cfg: PipelineConfig, *, precision: str | None = None, channels: int = 3):
     """The Flexi-UNet of a pipeline (``precision`` overrides ``train.precision``)."""
+    from . import backend
+    from .config import ConfigError
     from .nn import FlexiUNet
 
     policy = precision or cfg.train.precision
+    why = backend.float16_unsupported() if policy == "mixed_float16" else None
+    if why:
+        raise ConfigError(f'{cfg.source}: train.precision = "mixed_float16": {why}')
     return FlexiUNet(
         cfg.process.image_size,
         cfg.process.resolutions,

@@ -205,6 +205,13 @@ class TrainConfig:
     keep_checkpoints: Int = Field(3, ge=1)
     milestones: PositiveInts = Field((), description="steps whose checkpoints are kept")
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    loss_scale_init: Float = Field(65536.0, gt=0.0, description="mixed_float16: the initial "
+                                                                "dynamic loss scale, a power of 2")
+    loss_scale_growth_interval: Int = Field(2000, ge=1, description="mixed_float16: clean steps "
+                                                                    "before the scale doubles")
+    allreduce_bucket_mb: Float = Field(25.0, ge=0.0, description="data parallel: gradient "
+                                       "all-reduce buckets started during the backward pass; "
+                                       "0 = one all-reduce after it")
     graph: Graph = Field("trace", description="torch: forward passes replay a torch.jit.trace "
                                              "of each path (same gradients); only when "
                                              "model.dropout = 0")
@@ -631,6 +638,12 @@ def _validate(cfg: PipelineConfig) -> list[str]:
                     err("model.num_heads", f"the {ch} channels of the attention at {r}x{r} are "
                                            "not divisible by it")
                     break
+
+    # [train]
+    scale = cfg.train.loss_scale_init
+    if math.frexp(scale)[0] != 0.5 or scale < 1.0:
+        err("train.loss_scale_init", "must be a power of 2 >= 1 (e.g. 65536 = 2^16), so that "
+                                     "scaling and unscaling the gradients is exact")
 
     # [loss] / [sampler]
     if loss.target == "eps" and p.levels > 1:

@@ -8,6 +8,9 @@
 - ``same_path``: ``STEPS`` steps on fixed batches (``fixed_step``) where both ranks use the
   same path: rank r trains on its half of the batch; dumps as above, plus the loss and
   the gradients applied in the first step (``loss0``, ``g<index>``, see ``record_first_step``).
+- ``nan_grad``: ``STEPS`` steps in which rank 1's gradients are NaN at step 2, its loss
+  finite (``poisoned_loss_fn``, ``zero_weight_at``); every rank records a digest of its
+  weights, EMA and optimizer state after each step, and the non-finite error if it stopped.
 """
 
 import builtins
@@ -27,6 +30,52 @@ def fixed_step(process, step: int, batch: int):
     assert all(process.path_at(int(v)) == key for v in t)
     noise = rng.standard_normal((batch, key[0], key[0], 3)).astype(np.float32)
     return x0, t, noise
+
+
+def poisoned_loss_fn(original):
+    """A loss function whose gradient is NaN, with the loss finite and unchanged, in the
+    steps whose batch has an image of loss weight 0 (``zero_weight_at``). Data-dependent,
+    so compiled gradient functions (jax, tensorflow) see it too: the added term
+    ``sqrt(mean|p - p| + e) - sqrt(e)`` is exactly 0; its gradient is exactly 0 when
+    ``e = min(weight) > 0``, and NaN (inf * 0) when ``e = 0``."""
+    from keras import ops
+
+    def loss_fn(self, prediction, target, weight):
+        p = ops.cast(prediction, "float32")
+        e = ops.min(weight)
+        return (original(self, prediction, target, weight)
+                + (ops.sqrt(ops.mean(ops.abs(p - p)) + e) - ops.sqrt(e)))
+
+    return loss_fn
+
+
+def zero_weight_at(trainer, steps):
+    """The first image of the batch gets loss weight 0 at the given (1-based) steps."""
+    objective = trainer.objective
+    original = objective.training_example
+
+    def training_example(x0, t, noise):
+        x_t, target, weight = original(x0, t, noise)
+        if trainer.step + 1 in steps:
+            weight = np.array(weight, np.float32)
+            weight[0] = 0.0
+        return x_t, target, weight
+
+    objective.training_example = training_example
+
+
+def digest(trainer) -> str:
+    """sha256 of the weights, the EMA and the optimizer state."""
+    import hashlib
+
+    from keras import ops
+
+    h = hashlib.sha256()
+    for v in list(trainer.model.variables) + list(trainer.optimizer.variables):
+        h.update(ops.convert_to_numpy(v.value).tobytes())
+    for e in trainer.ema:
+        h.update(ops.convert_to_numpy(e).tobytes())
+    return h.hexdigest()
 
 
 def record_first_step(trainer) -> dict:
@@ -83,9 +132,21 @@ def main(mode, pipeline, out, steps):
             return real_atomic(path, write)
 
         builtins.open, checkpoint.atomic_write = spy_open, spy_atomic
+    from ssd_keras import distributed
+
+    early = []  # per step: the buckets launched during the backward pass (before finish)
+    finish = distributed.BucketedReduction.finish
+
+    def recording_finish(self, *a, **k):
+        early.append(len(self.works))
+        return finish(self, *a, **k)
+
+    distributed.BucketedReduction.finish = recording_finish
     cfg = load_pipeline(pipeline)
+    if mode == "nan_grad":
+        Trainer._loss_fn = poisoned_loss_fn(Trainer._loss_fn)
     trainer = Trainer(cfg, progress=False)
-    paths = []
+    paths, digests, error = [], [], None
     first_step = {}
     try:
         if mode == "state":
@@ -98,6 +159,17 @@ def main(mode, pipeline, out, steps):
 
             trainer._draw = recording_draw
             trainer.fit(steps)
+        elif mode == "nan_grad":
+            from ssd_keras.train import NonFiniteLossError
+
+            if rank == 1:
+                zero_weight_at(trainer, {2})
+            try:
+                for _ in range(steps):
+                    trainer.train_step()
+                    digests.append(digest(trainer))
+            except NonFiniteLossError as exc:
+                error = str(exc)
         else:
             b, n = cfg.train.batch_size, trainer.dist.world_size
             half = slice(rank * b // n, (rank + 1) * b // n)
@@ -114,7 +186,8 @@ def main(mode, pipeline, out, steps):
         dump(trainer, os.path.join(out, f"rank{rank}.npz"), first_step)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump({"paths": paths, "writes": writes, "step": trainer.step,
-                       "world_size": trainer.dist.world_size}, f)
+                       "world_size": trainer.dist.world_size, "digests": digests,
+                       "error": error, "skipped": trainer.skipped, "early": early}, f)
     finally:
         trainer.close()
 

@@ -89,6 +89,26 @@ def test_ranks_stay_bitwise_identical_and_only_rank0_writes(tmp_path):
         np.testing.assert_array_equal(w, ranks[0][f"e{i:04d}"])
 
 
+def test_buckets_overlapped_with_the_backward_pass_give_the_same_bits(tmp_path):
+    """train.allreduce_bucket_mb = 0.02 (tens of buckets, most launched from gradient hooks
+    during the backward pass, ranks on different paths) against 0 (one all-reduce after
+    it): the same weights, EMA and optimizer state bit for bit (each element is the same
+    sum of the same two gradients), on both ranks."""
+    results = {}
+    for mb in (0, 0.02):
+        pipe = pipeline(tmp_path / f"mb{mb}", steps=4, checkpoint_every=4)
+        pipe.write_text(pipe.read_text().replace("[train]\n", f"[train]\nallreduce_bucket_mb = {mb}\n"))
+        results[mb] = run_worker("state", pipe, tmp_path / f"mb{mb}" / "out", 4)
+    (one, one_info), (bucketed, info) = results[0], results[0.02]
+    assert one_info[0]["paths"] == info[0]["paths"] and one_info[1]["paths"] == info[1]["paths"]
+    assert any(a != b for a, b in zip(info[0]["paths"], info[1]["paths"])), info
+    assert all(e == 0 for i in one_info for e in i["early"])  # one bucket, after the backward
+    assert all(e >= 5 for i in info for e in i["early"]), [i["early"] for i in info]
+    for r in range(2):
+        for name in one[r]:
+            np.testing.assert_array_equal(bucketed[r][name], one[r][name], err_msg=name)
+
+
 def test_two_ranks_on_one_path_equal_one_process_on_the_whole_batch(tmp_path):
     """Two ranks, each on half of the batch, compute the gradient and loss of one process
     on the whole batch (averaged over the ranks, not summed, and not one rank's half), to
@@ -474,3 +494,25 @@ def test_a_locked_run_ends_every_rank_at_once_with_the_same_error(tmp_path):
     assert text.count(f"error: run {run_dir} is in use by PID {os.getpid()} on host") == 2, text[-4000:]
     assert not list_checkpoints(run_dir / "checkpoints")
     assert not (run_dir / "lock.json").exists()  # released by the holder, never rewritten
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_nan_gradient_on_one_rank_is_decided_by_all_ranks_together(tmp_path, policy):
+    """Rank 1's gradients are NaN at step 2, its loss finite: the averaged gradients are
+    NaN on both ranks, so both skip the step (weights, EMA and optimizer state as after
+    step 1, then training goes on) or both stop at it, nothing applied."""
+    pipe = pipeline(tmp_path)
+    pipe.write_text(pipe.read_text().replace("[train]\n", f'[train]\non_nonfinite = "{policy}"\n'))
+    ranks, infos = run_worker("nan_grad", pipe, tmp_path / "out", 3)
+    assert infos[0]["digests"] == infos[1]["digests"]
+    for info in infos:
+        if policy == "skip":
+            assert info["error"] is None and info["step"] == 3 and info["skipped"] == 1
+            first, second, third = info["digests"]
+            assert second == first and third != second
+        else:
+            assert info["step"] == 1 and len(info["digests"]) == 1
+            assert "non-finite gradients" in info["error"] and "at step 2" in info["error"]
+    for name in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+        assert np.isfinite(ranks[0][name]).all(), name

@@ -1,8 +1,8 @@
 """What a checkpoint holds, and how it is written and read back.
 
 One job: the training state (model weights, EMA, optimizer slots, the numpy RNG of
-noise and timesteps, the data position, the step, the skipped-step count and the log
-window) is built from the config, saved as three groups of arrays plus metadata, and
+noise and timesteps, the data position, the step, the skipped-step count, the log
+window and the float16 loss scale) is built from the config, saved as three groups of arrays plus metadata, and
 restored so that a resumed run continues bit for bit. Data parallel, it also keeps the
 ranks' states consistent (docs/distributed.md).
 """
@@ -22,6 +22,7 @@ from ..checkpoint import (CheckpointError, assign_checked, checkpoint_path, prun
 from ..config import ConfigError
 from ..runs import CHANNELS
 from .log import LogWindow
+from .loss_scale import LossScale
 
 
 class TrainState:
@@ -53,6 +54,8 @@ class TrainState:
         self.rng = np.random.default_rng(cfg.run.seed if rank == 0 else [cfg.run.seed, rank])
         self.step = 0
         self.skipped = 0
+        # the float16 loss scale (fixed at 1 under float32 and mixed_bfloat16)
+        self.loss_scale = LossScale.from_config(cfg.train)
         # losses etc. of the steps since the last log row; checkpointed, so that the log
         # rows of a resumed run equal an uninterrupted run's
         self.window = LogWindow()
@@ -100,6 +103,7 @@ class TrainState:
             "log_window": self.window.state(),
             "backend": keras.backend.backend(),
             **({"init_from": self.init_record} if self.init_record else {}),
+            **({"loss_scale": self.loss_scale.state()} if self.loss_scale.dynamic else {}),
         }
 
     def save(self, ckpt_dir: Path, dist) -> Path:
@@ -184,6 +188,7 @@ class TrainState:
         self.skipped = int(meta.get("skipped", 0))
         self.window = LogWindow.from_state(meta.get("log_window"))
         self.init_record = meta.get("init_from")  # the source is never read again
+        self.loss_scale.restore(meta.get("loss_scale"))
 
     def _rank_state(self, meta: dict, rng, data, dist):
         """This rank's ``(rng state, data state)`` from a checkpoint's metadata.

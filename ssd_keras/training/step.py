@@ -3,8 +3,9 @@
 One job: from a batch ``x0``, its timesteps ``t`` (all on one path ``(r_in, r_out)``) and
 noise, compute the path's loss and gradients (``backend.make_loss_and_grads``), apply
 them to the path's variables only (``backend.apply_gradients``) and update the EMA
-(``update_ema``); a non-finite loss stops the run or skips the step
-(``train.on_nonfinite``). Data parallel, the ranks average their gradients first
+(``update_ema``); a non-finite loss or gradient stops the run or skips the step
+(``train.on_nonfinite``), a float16 overflow backs off the loss scale
+(``training.loss_scale``). Data parallel, the ranks average their gradients first
 (``DataParallelStep``, docs/distributed.md).
 
 Every framework call goes through ``ssd_keras.backend``.
@@ -19,10 +20,11 @@ import numpy as np
 
 from .. import backend, distributed
 from ..runs import CHANNELS
+from .loss_scale import APPLY, OVERFLOW
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite (``train.on_nonfinite = "stop"``)."""
+    """The loss or a gradient became NaN or infinite (``train.on_nonfinite = "stop"``)."""
 
 
 # ---------------------------------------------------------------------- the step's inputs
@@ -109,7 +111,13 @@ class PathGradients:
 # ---------------------------------------------------------------------- the step
 class Step:
     """One optimisation step of one process on the training state ``state``
-    (``training.state.TrainState``): ``step(x0, t, key, noise) -> (loss, key, t)``."""
+    (``training.state.TrainState``): ``step(x0, t, key, noise) -> (loss, key, t)``.
+
+    The loss is scaled by the state's loss scale (``training.loss_scale``: 1 unless
+    ``mixed_float16``) through the per-image weights; the gradients are unscaled and
+    checked for inf/NaN in one pass, and that flag comes back to the host with the loss in
+    one transfer. A non-finite loss or gradient never reaches the optimizer or the EMA.
+    """
 
     def __init__(self, state, objective, gradients: PathGradients, cfg, jax_distribution=None):
         self.state = state
@@ -119,32 +127,47 @@ class Step:
         self.jax_distribution = jax_distribution
 
     def __call__(self, x0, t, key, noise):
+        path, loss_and_grads = self.gradients(key)
+        inputs = self.inputs(x0, t, noise)
+        loss, grads = loss_and_grads(*inputs)
+        return self.finish(loss, grads, key, path, t)
+
+    def inputs(self, x0, t, noise):
+        """``(x_t, t, target, weight)`` of the loss-and-gradients function; ``weight`` is
+        multiplied by the loss scale (exact: the scale is a power of 2)."""
         from keras import ops
 
         x_t, target, weight = self.objective.training_example(ops.convert_to_tensor(x0), t, noise)
-        path, loss_and_grads = self.gradients(key)
+        weight = np.asarray(weight, np.float32) * np.float32(self.state.loss_scale.scale)
         inputs = (
             x_t,
             ops.convert_to_tensor(t.astype(np.float32)),
             ops.convert_to_tensor(target, dtype="float32"),
-            ops.convert_to_tensor(np.asarray(weight, np.float32)),
+            ops.convert_to_tensor(weight),
         )
         if self.jax_distribution is not None:  # the batch split over the local devices
             inputs = distributed.shard_batch(self.jax_distribution, *inputs)
-        loss, grads = loss_and_grads(*inputs)
-        return self.finish(loss, grads, key, path, t)
+        return inputs
 
     def finish(self, loss, grads, key, path, t):
-        """Apply the gradients of a finite loss, or take the non-finite policy."""
-        from keras import ops
-
-        value = float(ops.convert_to_numpy(loss))
-        if not math.isfinite(value):
-            where = (f"step {self.state.step + 1}, t = {t.min()}..{t.max()}, level {key[0]}px, "
-                     f"path {key[0]}->{key[1]}")
-            self.stop_or_skip(f"loss is {value} at {where}")
+        """Unscale and check the gradients; apply them if the loss and they are finite,
+        else back off the loss scale or take the non-finite policy."""
+        scale = self.state.loss_scale.scale
+        grads, found = backend.unscale_and_check(grads, 1.0 / scale)
+        value, found = backend.to_host([loss, found])  # the step's one transfer
+        value /= scale
+        verdict = self.state.loss_scale.verdict(math.isfinite(value), not found)
+        if verdict == APPLY:
+            self.apply(grads, path.trainable_variables)
             return value, key, t
-        self.apply(grads, path.trainable_variables)
+        where = (f"step {self.state.step + 1}, t = {t.min()}..{t.max()}, level {key[0]}px, "
+                 f"path {key[0]}->{key[1]}")
+        if verdict == OVERFLOW:
+            self.skip()
+            return value, key, t
+        what = (f"loss is {value}" if not math.isfinite(value)
+                else f"gradients are non-finite (inf or NaN; loss {value})")
+        self.stop_or_skip(f"{what} at {where}")
         return value, key, t
 
     def apply(self, grads, variables) -> None:
@@ -155,16 +178,21 @@ class Step:
         state.ema = update_ema(state.ema, state.model.trainable_variables,
                                ema_rate(self.cfg.ema, state.step))
 
+    def skip(self) -> None:
+        """A step whose update is not applied (weights, optimizer state and EMA untouched):
+        counted in ``skipped``."""
+        self.state.skipped += 1
+        self.state.step += 1
+
     def stop_or_skip(self, what: str) -> None:
-        """A non-finite loss: raise (``train.on_nonfinite = "stop"``) or count the step as
-        skipped, its update not applied."""
+        """A non-finite loss or gradient: raise (``train.on_nonfinite = "stop"``) or count
+        the step as skipped, its update not applied."""
         if self.cfg.train.on_nonfinite == "stop":
             raise NonFiniteLossError(
                 f"{what}; stopped without applying it (the last good checkpoint is kept; "
                 f"set train.on_nonfinite = \"skip\" to skip such steps)"
             )
-        self.state.skipped += 1
-        self.state.step += 1
+        self.skip()
 
 
 class DataParallelStep(Step):
@@ -177,38 +205,53 @@ class DataParallelStep(Step):
         self.dist = dist
         self.signals = signals
 
-    def finish(self, loss, grads, key, path, t):
-        """Average the gradients over the ranks and apply them (docs/distributed.md).
+    def __call__(self, x0, t, key, noise):
+        """One data-parallel step (docs/distributed.md).
 
-        Every rank gathers the ranks' paths, so all agree on the union of their variables
-        (in the model's order); a variable off this rank's path contributes zeros. One
-        all-reduce carries the gradients, the loss, the non-finite flags and the stop
-        requests, so every rank takes the same decision at the same step. The update is
-        applied to the union only: a variable on no rank's path stays bit-identical, as in
-        a one-process run; weights, EMA and optimizer state stay identical on all ranks.
+        Every rank first gathers the ranks' paths, so all agree on the union of their
+        variables (in the model's order); a variable off this rank's path contributes
+        zeros. The gradient all-reduce is started in buckets from gradient hooks while the
+        backward pass runs (``dist.begin_step``); its last bucket also carries the loss,
+        the non-finite flag of the loss and the stop requests, so every rank takes the
+        same decision at the same step. The averaged gradients are unscaled and checked
+        for inf/NaN on every rank: they are the same bits everywhere, so the verdict is
+        too. The update is applied to the union only: a variable on no rank's path stays
+        bit-identical, as in a one-process run; weights, EMA and optimizer state stay
+        identical on all ranks.
         """
-        from keras import ops
-
         keys = self.dist.gather_paths(key)
         union = self.gradients.union(keys)
-        mine = {id(v): g for v, g in zip(path.trainable_variables, grads)}
-        value = float(ops.convert_to_numpy(loss))
-        local_bad = not math.isfinite(value)
+        path, loss_and_grads = self.gradients(key)
+        inputs = self.inputs(x0, t, noise)
+        reduction = self.dist.begin_step(union, path.trainable_variables)
+        try:
+            loss, grads = loss_and_grads(*inputs)
+        except BaseException:
+            reduction.abandon()
+            raise
         stop = self.signals.requested
-        extras = [0.0 if local_bad else value, float(local_bad),
-                  float(stop == signal.SIGINT), float(stop == signal.SIGTERM)]
-        averaged, (loss_sum, bad, sigints, sigterms) = self.dist.reduce_step(
-            union, [mine.get(id(v)) for v in union], extras)
+        averaged, totals = reduction.finish(
+            grads, loss, [float(stop == signal.SIGINT), float(stop == signal.SIGTERM)])
+        scale = self.state.loss_scale.scale
+        averaged, found = backend.unscale_and_check(averaged, 1.0 / scale)
+        loss_sum, bad, sigints, sigterms, found = backend.to_host(list(totals) + [found])
         # every rank stops after the step in which any rank had a signal (a signal arriving
         # later on one rank is seen by all in the next step's all-reduce)
         if sigints or sigterms:
             self.signals.agreed = signal.SIGTERM if sigterms else signal.SIGINT
         n = self.dist.world_size
-        if bad:
-            where = (f"step {self.state.step + 1}, on {int(bad)} of {n} processes (this one: "
-                     f"rank {self.dist.rank}, loss {value}, t = {t.min()}..{t.max()}, path "
-                     f"{key[0]}->{key[1]})")
-            self.stop_or_skip(f"non-finite loss at {where}")
-            return float("nan"), key, t
-        self.apply(averaged, union)
-        return loss_sum / n, key, t
+        value = loss_sum / n / scale
+        verdict = self.state.loss_scale.verdict(not bad, not found)
+        if verdict == APPLY:
+            self.apply(averaged, union)
+            return value, key, t
+        if verdict == OVERFLOW:
+            self.skip()
+            return value, key, t
+        mine = backend.to_host([loss])[0] / scale  # only on this rare path: a second read
+        what = (f"non-finite loss on {int(bad)} of {n} processes" if bad else
+                f"non-finite gradients (inf or NaN) after averaging over the {n} processes")
+        where = (f"step {self.state.step + 1} (this process: rank {self.dist.rank}, loss "
+                 f"{mine}, t = {t.min()}..{t.max()}, path {key[0]}->{key[1]})")
+        self.stop_or_skip(f"{what} at {where}")
+        return float("nan"), key, t
