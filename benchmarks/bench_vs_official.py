@@ -25,7 +25,7 @@ Without ``--official`` the comparison is a plain-torch eager twin of the same ne
 Keras on top of torch stays visible to every contributor.
 
 Threads: ``--threads`` (default 2) torch threads with ``OMP_WAIT_POLICY=PASSIVE``, as the
-package sets it. The official checkout is only read from ``--official``; keep it outside
+`ssd-run` sets it. The official checkout is only read from ``--official``; keep it outside
 the repository (docs/design.md, "Speed").
 """
 
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the package sets it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ssd-run sets it
 
 import numpy as np  # noqa: E402
 

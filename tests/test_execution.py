@@ -125,7 +125,7 @@ def _close(got, want, what):
 def smallest_unet(seed):
     """A 2-level Flexi-UNet small enough to compile in seconds, attention included."""
     keras.utils.set_random_seed(seed)
-    u = FlexiUNet(16, [8, 16], base_channels=16, channel_mult=(1, 1), num_res_blocks=1,
+    u = FlexiUNet(16, [8, 16], base_channels=32, channel_mult=(1, 1), num_res_blocks=1,
                   attention_resolutions=(8,), num_heads=1, full_res_change_via_upsample=False)
     rng = np.random.default_rng(seed)
     for v in u.trainable_variables:  # non-zero last convs, so every gradient is non-zero
@@ -172,3 +172,50 @@ def test_compiled_path_matches_eager_outputs_gradients_and_training_steps():
     for i, (a, b) in enumerate(zip(w_c, w_e)):
         _close(a, b, f"weight {i} after 3 steps")
     _close(after_c, after_e, "inference output after the steps")
+
+
+# ----------------------------------------------------------------------------- mixed bf16
+BF16_EPS = 2.0 ** -8  # bfloat16's machine epsilon (8 significand bits)
+
+
+def _trainer(tmp_path, precision, graph):
+    from ssd_keras.config import from_dict
+    from ssd_keras.train import Trainer
+
+    cfg = from_dict({"run": {"name": f"{precision}-{graph}", "output_dir": str(tmp_path), "seed": 3},
+                     "process": {"image_size": 8, "levels": 2},
+                     "model": {"base_channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1,
+                               "attention_resolutions": [4], "dropout": 0.0},
+                     "optimizer": {"lr": 1e-3},
+                     "ema": {"rate": 0.5},
+                     "train": {"batch_size": 4, "precision": precision, "graph": graph}})
+    return Trainer(cfg, progress=False)
+
+
+@pytest.mark.skipif(not TORCH, reason="the trace is torch's")
+def test_mixed_bfloat16_trains_with_float32_state_and_tracks_float32(tmp_path):
+    """``train.precision = "mixed_bfloat16"`` (Keras mixed precision: bf16 compute,
+    float32 variables): four steps on the same batches and noise give the float32 run's
+    losses to a few bf16 roundings; the weights, the optimizer's slots and the EMA stay
+    float32; and the traced training forward (``auto`` on the CPU) gives the eager
+    bf16 losses (the trace replays the same ops)."""
+    runs = {}
+    for precision, graph in (("float32", "auto"), ("mixed_bfloat16", "auto"),
+                             ("mixed_bfloat16", "eager")):
+        trainer = _trainer(tmp_path, precision, graph)
+        try:
+            batch = next(trainer.data)
+            losses = [trainer.train_step(batch)[0] for _ in range(4)]
+            dtypes = {str(v.dtype) for v in trainer.model.trainable_variables}
+            dtypes |= {str(v.dtype) for v in trainer.optimizer.variables if v.name != "iteration"}
+            dtypes |= {keras.backend.standardize_dtype(e.dtype) for e in trainer.ema}
+            runs[precision, graph] = (trainer.execution.train_graph, losses, dtypes)
+        finally:
+            trainer.close()
+    assert runs["float32", "auto"][0] == runs["mixed_bfloat16", "auto"][0] == "trace"
+    f32, bf16 = runs["float32", "auto"][1], runs["mixed_bfloat16", "auto"][1]
+    np.testing.assert_allclose(bf16, f32, rtol=4 * BF16_EPS)
+    assert bf16 != f32  # it really computed in bf16
+    np.testing.assert_allclose(runs["mixed_bfloat16", "eager"][1], bf16, rtol=1e-5)
+    for key, (_, _, dtypes) in runs.items():
+        assert dtypes == {"float32"}, (key, dtypes)

@@ -112,7 +112,7 @@ class Execution:
                 forward = forward_fn(path_model, self.train_graph, training=True,
                                      compile_mode=self._compile_mode("train"))
             fn = make_loss_and_grads(path_model, loss_fn, forward=forward,
-                                     autocast=self._train_context)
+                                     numerics=self._train_context)
             hit = self._grads[key] = (path_model, loss_fn, fn)  # keeps both ids valid
         return hit[2]
 
@@ -141,7 +141,7 @@ class Execution:
 
     @contextlib.contextmanager
     def _train_context(self):
-        """Around a training forward pass: TF32 matmuls on CUDA (torch's ``"high"``
+        """Around a training step's forward and backward passes: TF32 matmuls on CUDA (torch's ``"high"``
         float32 matmul precision; cuDNN's TF32 convolutions are torch's default already),
         restored afterwards; nothing on the CPU. Sampling keeps full float32 matmuls, so
         the parity of its outputs with the official code's holds on a GPU too."""

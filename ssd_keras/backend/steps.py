@@ -41,7 +41,7 @@ def no_grad():
 
 
 def make_loss_and_grads(path_model, loss_fn, graph: str = "eager", *, forward=None,
-                        autocast=None):
+                        autocast=None, numerics=None):
     """``fn(*inputs, target, weight) -> (loss, grads)`` for one Flexi-UNet path, whose
     model takes ``inputs`` (``x_t, t`` today).
 
@@ -56,6 +56,8 @@ def make_loss_and_grads(path_model, loss_fn, graph: str = "eager", *, forward=No
     traced or compiled one, ``execution.Execution``), else the eager Keras call (``graph``
     names a mode of ``graphs.forward_fn``); autograd records it, under ``autocast()`` (a
     context factory: mixed precision) if given; the loss is taken outside it, in float32.
+    ``numerics()`` (a context factory, e.g. TF32 on CUDA) wraps the whole call: forward,
+    loss and backward.
     """
     variables = path_model.trainable_variables
 
@@ -65,15 +67,17 @@ def make_loss_and_grads(path_model, loss_fn, graph: str = "eager", *, forward=No
 
             forward = forward_fn(path_model, graph, training=True)
         autocast = autocast or contextlib.nullcontext
+        numerics = numerics or contextlib.nullcontext
 
         def loss_and_grads(*args):
             *inputs, target, weight = args
             for v in variables:
                 v.value.grad = None
-            with autocast():
-                prediction = forward(*inputs)
-            loss = loss_fn(prediction, target, weight)
-            loss.backward()
+            with numerics():
+                with autocast():
+                    prediction = forward(*inputs)
+                loss = loss_fn(prediction, target, weight)
+                loss.backward()
             return loss.detach(), [v.value.grad for v in variables]
 
         return loss_and_grads
