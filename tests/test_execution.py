@@ -115,9 +115,9 @@ def test_importing_the_package_changes_no_environment_but_the_command_sets_its_o
 GROWTH = 1024
 
 
-def _close(got, want, what):
+def _close(got, want, what, scale=None):
     got, want = ops.convert_to_numpy(got), ops.convert_to_numpy(want)
-    scale = max(float(np.abs(want).max()), 1e-30)
+    scale = max(float(np.abs(want).max()) if scale is None else scale, 1e-30)
     err = float(np.abs(got - want).max())
     assert err <= GROWTH * EPS32 * scale, f"{what}: error {err} at scale {scale}"
 
@@ -167,8 +167,13 @@ def test_compiled_path_matches_eager_outputs_gradients_and_training_steps():
         results["eager"], results["compile"])
     _close(out_c, out_e, "inference output")
     assert abs(loss_c - loss_e) <= GROWTH * EPS32 * abs(loss_e)
+    # the rounding of a backward pass scales with the gradients flowing through it, not with
+    # a result that cancels: a bias feeding a group norm has a gradient of exactly zero in
+    # exact arithmetic (the norm removes it), ~1e-9 in float32. So every gradient is held
+    # to the largest gradient's scale.
+    scale = max(float(np.abs(g).max()) for g in grads_e)
     for i, (a, b) in enumerate(zip(grads_c, grads_e)):
-        _close(a, b, f"gradient {i}")
+        _close(a, b, f"gradient {i}", scale=scale)
     for i, (a, b) in enumerate(zip(w_c, w_e)):
         _close(a, b, f"weight {i} after 3 steps")
     _close(after_c, after_e, "inference output after the steps")
