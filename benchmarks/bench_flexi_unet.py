@@ -14,7 +14,7 @@ import statistics
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the package sets it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ssd-run sets it
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -25,7 +25,7 @@ Without ``--official`` the comparison is a plain-torch eager twin of the same ne
 Keras on top of torch stays visible to every contributor.
 
 Threads: ``--threads`` (default 2) torch threads with ``OMP_WAIT_POLICY=PASSIVE``, as the
-package sets it. The official checkout is only read from ``--official``; keep it outside
+`ssd-run` sets it. The official checkout is only read from ``--official``; keep it outside
 the repository (docs/design.md, "Speed").
 """
 
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the package sets it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ssd-run sets it
 
 import numpy as np  # noqa: E402
 
@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("train", "sample"), default=None)
+    ap.add_argument("--graph", choices=("auto", "eager", "trace", "compile"), default="auto",
+                    help="ssd_keras's train.graph and sampler.graph (docs/design.md "
+                         "\"Execution layer\")")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
 
@@ -106,7 +109,9 @@ def main() -> None:
     from ssd_keras.train import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_vs_official_")
-    cfg = from_dict({**PIPELINE, "run": {"name": "bench", "output_dir": tmp, "seed": 0}})
+    pipeline = {**PIPELINE, "train": {**PIPELINE["train"], "graph": args.graph},
+                "sampler": {"graph": args.graph}}
+    cfg = from_dict({**pipeline, "run": {"name": "bench", "output_dir": tmp, "seed": 0}})
     trainer = Trainer(cfg, progress=False)
     process = trainer.process
     if args.official is not None:
@@ -121,7 +126,7 @@ def main() -> None:
         reference = _torch_twin.TorchTwin(cfg, trainer.model, process)
     check_same_function(trainer.model, reference)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {trainer.execution}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; reference: {reference_name}")
     rows, record = [], {"reference": reference_name, "threads": args.threads}
     if args.only in (None, "train"):
@@ -211,9 +216,11 @@ def bench_sampling(trainer, reference, process, args, record, sample_images):
     # traced (torch.jit.trace, once per path and batch shape), reported on its own line
     warm = min(10, process.timesteps)
     first = timed(lambda: sample_images(model, process, trainer.objective, num_images=args.images,
-                                        steps=warm, batch_size=args.images, progress=False))
+                                        steps=warm, batch_size=args.images, progress=False,
+                                        execution=trainer.execution))
     again = timed(lambda: sample_images(model, process, trainer.objective, num_images=args.images,
-                                        steps=warm, batch_size=args.images, progress=False))
+                                        steps=warm, batch_size=args.images, progress=False,
+                                        execution=trainer.execution))
     reference.sample(args.images, warm)
     record["sample"]["first_call_extra_s"] = first - again
     print(f"one-time cost of ssd_keras's first sampling call (tracing {len(process.paths)} "
@@ -228,7 +235,8 @@ def bench_sampling(trainer, reference, process, args, record, sample_images):
                 else:
                     runs[which].append(timed(lambda: sample_images(
                         model, process, trainer.objective, num_images=args.images, steps=k,
-                        batch_size=args.images, noise=which, seed=r, progress=False)))
+                        batch_size=args.images, noise=which, seed=r, progress=False,
+                        execution=trainer.execution)))
             print(f"sampling K={k} round {r + 1}/{args.sample_rounds}: "
                   + ", ".join(f"{w} {runs[w][-1]:.2f} s" for w in order), file=sys.stderr)
         ref_s = statistics.median(runs["reference"])

@@ -11,7 +11,8 @@ Modules, one job each:
 - ``train``      the Trainer: training loop, EMA, checkpoints
 - ``training``   the Trainer's parts: run directory, state, step, log, signals
 - ``sample``     reverse process, grids and progression figures
-- ``backend``    the only module that knows which Keras backend runs
+- ``backend``    the only package that knows which Keras backend runs; its ``Execution``
+                 decides how each path runs on this device
 - ``cli``        the ``ssd-run`` command
 """
 
@@ -20,10 +21,7 @@ import os as _os
 # torch is the default backend (Keras itself would default to tensorflow, an optional
 # extra here). An explicit KERAS_BACKEND always wins.
 _os.environ.setdefault("KERAS_BACKEND", "torch")
-# OpenMP's default wait policy made 2 torch threads 3-5x slower than one on small CPU
-# machines (docs/design.md); ACTIVE (spinning) fixed that on an idle machine but was ~6x slower
-# than PASSIVE as soon as another process shared the cores. PASSIVE is the safe default.
-# It must be set before torch is imported; an explicit setting wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# (OMP_WAIT_POLICY, which torch reads when it is imported, is set by the command-line
+# entry point, ssd_keras.cli: importing the library changes no other environment)
 
 __version__ = "0.1.0"

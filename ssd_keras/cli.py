@@ -556,8 +556,21 @@ def _command_names() -> set[str]:
 _TYPER_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _set_thread_environment() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless set: the command's setting, not the library's
+    (importing ``ssd_keras`` changes no environment). OpenMP's default wait policy made 2
+    torch threads 3-5x slower than one on small CPU machines (docs/design.md); ACTIVE
+    (spinning) fixed that on an idle machine but was ~6x slower than PASSIVE as soon as
+    another process shared the cores. OpenMP reads it when torch is loaded, which the
+    commands do after this (the command line is parsed without torch)."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Optional[list] = None) -> int:
     """Entry point: ``ssd-run PIPELINE.toml`` means ``ssd-run train PIPELINE.toml``."""
+    _set_thread_environment()
     from .checkpoint import CheckpointError
     from .config import ConfigError
 

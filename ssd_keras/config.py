@@ -96,9 +96,11 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Ints = tuple[Int, ...]  # a TOML list of integers, stored as a tuple
 PositiveInts = tuple[Annotated[int, Strict(), Field(gt=0)], ...]
-#: how the network runs on torch: "trace" replays a torch.jit.trace of each path, "eager"
-#: calls the Keras model; jax and tensorflow compile either way (docs/design.md, Speed)
-Graph = Literal["trace", "eager"]
+#: how the network runs on torch (ssd_keras.backend.Execution): "auto" the measured fastest
+#: correct mode of the device, "eager" the Keras call, "trace" a replayed torch.jit.trace
+#: of each path, "compile" torch.compile; jax and tensorflow compile either way
+#: (docs/design.md "Execution layer")
+Graph = Literal["auto", "eager", "trace", "compile"]
 
 
 def _section(cls):
@@ -212,9 +214,9 @@ class TrainConfig:
     allreduce_bucket_mb: Float = Field(25.0, ge=0.0, description="data parallel: gradient "
                                        "all-reduce buckets started during the backward pass; "
                                        "0 = one all-reduce after it")
-    graph: Graph = Field("trace", description="torch: forward passes replay a torch.jit.trace "
-                                             "of each path (same gradients); only when "
-                                             "model.dropout = 0")
+    graph: Graph = Field("auto", description="torch: auto | eager | trace | compile; auto = "
+                                            "trace on CPU, compile on CUDA (docs/design.md "
+                                            "\"Execution layer\"); never trace with dropout")
     # fine-tuning (docs/finetune.md): the weights a fresh run starts from
     init_from: Str = Field("", description="a run (directory or name), one of its checkpoint "
                                            "files, an official .pt or an exported .safetensors; "
@@ -239,8 +241,8 @@ class SamplerConfig:
     num_images: Int = Field(16, gt=0)
     batch_size: Int = Field(16, gt=0)
     seed: Int = Field(0, ge=0)
-    graph: Graph = Field("trace", description="torch: the network replays a torch.jit.trace "
-                                             "of each path (about 2x faster than eager Keras)")
+    graph: Graph = Field("auto", description="torch: auto | eager | trace | compile; auto = "
+                                            "trace on CPU, compile with CUDA graphs on CUDA")
 
 
 @_section

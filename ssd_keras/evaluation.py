@@ -106,6 +106,7 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
     from tqdm.auto import tqdm
 
     from .images import save_grid, save_images
+    from .backend import Execution
     from .sample import sample_images
 
     s = cfg.sampler
@@ -152,13 +153,15 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
         if done:
             say(f"resuming: {done} of {num_samples} samples already in {images}")
         model, process, objective = parts()
+        execution = Execution.from_config(cfg)  # keeps each path's trace across the chunks
         bar = tqdm(total=num_samples, initial=done, desc="samples", unit="img", disable=not progress)
         for c in todo:
             start, stop = c * chunk, min((c + 1) * chunk, num_samples)
             want = -(-(stop - start) // s.batch_size) * s.batch_size  # whole batches
             t0 = time.perf_counter()
             settings = dict(asdict(s), num_images=want, seed=chunk_seed(s.seed, c))
-            result = sample_images(model, process, objective, **settings, progress=progress)
+            result = sample_images(model, process, objective, **settings, progress=progress,
+                                   execution=execution)
             try:
                 save_images(result.images[: stop - start], images, start=start)  # named as name(i)
             except OSError as exc:  # a full disk: what is written stays, the rest resumes

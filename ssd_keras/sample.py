@@ -50,7 +50,8 @@ def sample_images(
     channels: int = 3,
     record_progression: bool = False,
     progress: bool = True,
-    graph: str = "trace",
+    graph: str = "auto",
+    execution=None,
     start_step: int | None = None,
     noise_source=None,
     guide=None,
@@ -62,9 +63,11 @@ def sample_images(
     ``ScaleSpaceProcess.ddim_step`` with ``eta`` (docs/sampling.md), which ignores
     ``variance`` and needs no ``noise`` method. ``change_eta`` (Python API, for studies)
     sets a different ``eta`` on resolution-change spans; ``1.0`` there is the exact
-    posterior on change steps. ``graph`` picks how the network runs on torch
-    (``backend.inference_fn``): ``"trace"`` replays a ``torch.jit.trace`` of each path,
-    ``"eager"`` calls the Keras model.
+    posterior on change steps. The network runs as ``execution`` says
+    (``backend.Execution``: it keeps each path's traced or compiled function across
+    calls); without one, as an execution with ``sampler.graph = graph`` (``"auto"``,
+    ``"eager"``, ``"trace"``, ``"compile"``; docs/design.md "Execution layer") built for
+    this call.
 
     Editing (``ssd_keras.edits``, docs/scale_space_edits.md): ``start_step`` starts the chain
     at that step instead of ``T-1`` (then followed by the kept steps below it);
@@ -83,6 +86,8 @@ def sample_images(
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
     rng = np.random.default_rng(seed)
+    if execution is None:
+        execution = backend.Execution(sample_graph=graph)
 
     def normal(b: int, t: int):
         """Standard normal noise for ``b`` images at resolution ``r(t)``, from the seeded host RNG
@@ -92,14 +97,10 @@ def sample_images(
             return ops.convert_to_tensor(np.asarray(noise_source(rows, t)), dtype="float32")
         return ops.convert_to_tensor(rng.standard_normal((b, r, r, channels)), dtype="float32")
 
-    networks = {}  # path -> its inference function (traced or compiled once per path and shape)
-
     def denoise(x, t):
         """The network's x0 prediction at ``r(s)`` (docs/math.md eq. 9), clipped (section 5)."""
-        key = process.path_at(t)
-        if key not in networks:
-            networks[key] = backend.inference_fn(model.path(*key), graph)
-        pred = networks[key](x, ops.full((x.shape[0],), float(t), dtype="float32"))
+        network = execution.forward(model.path(*process.path_at(t)))  # kept per path
+        pred = network(x, ops.full((x.shape[0],), float(t), dtype="float32"))
         x0_hat = objective.to_x0(ops.cast(pred, "float32"), x, t)
         return ops.clip(x0_hat, -1.0, 1.0) if clip else x0_hat
 

@@ -61,6 +61,7 @@ class Trainer:
         self.signals = StopSignals(lambda: self.step, (self.run_dir, self.ckpt_dir),
                                    data_parallel=self.dist.world_size > 1)
         self._ema_model = None  # the sampling model of ema_model(), built on first use
+        self.execution = backend.Execution.from_config(cfg)  # how paths run on this device
         # cheap checks first: a missing data folder or an unwritable output directory
         # fails before the (possibly large) model is built
         self.process = build_process(cfg)
@@ -101,10 +102,9 @@ class Trainer:
                 self.state.check_ranks_agree(self.dist)
                 if self.dist.rank:
                     self.state.offset_seed_states(self.dist.rank)
-            # the optimisation step: one process, or the ranks averaging their gradients
-            # a trace would freeze dropout masks: traced forward passes only without dropout
-            graph = cfg.train.graph if cfg.model.dropout == 0 else "eager"
-            gradients = PathGradients(self.model, self._loss_fn, graph)
+            # the optimisation step: one process, or the ranks averaging their gradients;
+            # how each path runs on this device (mode, precision): the execution layer
+            gradients = PathGradients(self.model, self._loss_fn, self.execution)
             if self.dist.world_size > 1:
                 self._step_fn = DataParallelStep(self.state, self.objective, gradients, cfg,
                                                  self.dist, self.signals, self._jax_distribution)
@@ -272,5 +272,5 @@ class Trainer:
         s = self.cfg.sampler
         settings = dict(asdict(s), num_images=num_images or s.num_images)
         result = sample_images(self.ema_model(), self.process, self.objective, **settings,
-                               channels=CHANNELS, progress=False)
+                               channels=CHANNELS, progress=False, execution=self.execution)
         return save_grid(result.images, path)

@@ -1,8 +1,8 @@
 """One optimisation step on one Flexi-UNet path, and its data-parallel variant.
 
 One job: from a batch ``x0``, its timesteps ``t`` (all on one path ``(r_in, r_out)``) and
-noise, compute the path's loss and gradients (``backend.make_loss_and_grads``), apply
-them to the path's variables only (``backend.apply_gradients``) and update the EMA
+noise, compute the path's loss and gradients (``backend.Execution.loss_and_grads``), apply
+them to the path's variables only (``backend.Execution.apply_gradients``) and update the EMA
 (``update_ema``); a non-finite loss or gradient stops the run or skips the step
 (``train.on_nonfinite``), a float16 overflow backs off the loss scale
 (``training.loss_scale``). Data parallel, the ranks average their gradients first
@@ -83,12 +83,13 @@ def ema_rate(ema_cfg, step: int) -> float:
 # ---------------------------------------------------------------------- per-path functions
 class PathGradients:
     """Per path ``(r_in, r_out)``: its sub-model and its loss-and-gradients function, built
-    on first use (jax and tensorflow compile there) and kept."""
+    on first use by ``execution`` (``backend.Execution``: eager, traced or compiled) and
+    kept."""
 
-    def __init__(self, model, loss_fn, graph: str = "eager"):
+    def __init__(self, model, loss_fn, execution):
         self.model = model
         self.loss_fn = loss_fn
-        self.graph = graph  # torch: "trace" replays a traced forward (backend.make_loss_and_grads)
+        self.execution = execution
         self._fns: dict = {}
         self._unions: dict = {}
 
@@ -96,7 +97,7 @@ class PathGradients:
         """``(path model, fn(x, t, target, weight) -> (loss, grads))`` of path ``key``."""
         if key not in self._fns:
             path = self.model.path(*key)
-            self._fns[key] = (path, backend.make_loss_and_grads(path, self.loss_fn, self.graph))
+            self._fns[key] = (path, self.execution.loss_and_grads(path, self.loss_fn))
         return self._fns[key]
 
     def union(self, keys):
@@ -173,7 +174,7 @@ class Step:
     def apply(self, grads, variables) -> None:
         """The optimizer update on ``variables`` (no others), then the EMA."""
         state = self.state
-        backend.apply_gradients(state.optimizer, grads, variables)
+        self.gradients.execution.apply_gradients(state.optimizer, grads, variables)
         state.step += 1
         state.ema = update_ema(state.ema, state.model.trainable_variables,
                                ema_rate(self.cfg.ema, state.step))
