@@ -18,8 +18,10 @@ nearest-neighbour ratio. Printed: per run, and mean +- sample std over the seeds
 
     python benchmarks/bench_finetune.py --base runs/quickstart [--steps 300] [--seeds 0 1 2]
 
-Measured (2 shared CPU cores; see the report in docs/finetune.md):
-filled in by the run that produced docs/finetune.md's table.
+Measured (2 CPU cores shared by ~7 sessions; base: the quickstart at step 750; 2 seeds,
+144 samples, K = 50; the command lines are in docs/finetune.md): FD-pix8 after 300 steps,
+finetune 2.77 +- 0.13 (2.86, 2.68) vs scratch 17.34 +- 3.76 (20.00, 14.68); the base
+itself 10.57.
 """
 
 from __future__ import annotations

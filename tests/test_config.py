@@ -127,7 +127,9 @@ DEFAULTS = {
     "train": {"batch_size": 128, "steps": 500000, "precision": "float32", "log_every": 50,
               "checkpoint_every": 5000, "sample_every": 10000, "keep_checkpoints": 3,
               "milestones": [], "on_nonfinite": "stop", "loss_scale_init": 65536.0,
-              "loss_scale_growth_interval": 2000, "allreduce_bucket_mb": 25.0, "graph": "auto"},
+              "loss_scale_growth_interval": 2000, "allreduce_bucket_mb": 25.0, "graph": "auto",
+
+              "init_from": "", "init_weights": "ema", "init_strict": True},
     "sampler": {"steps": 1000, "noise": "exact", "lanczos_iterations": 40, "clip": True,
                 "variance": "fixed_small", "method": "ancestral", "eta": 0.0, "num_images": 16,
                 "batch_size": 16, "seed": 0, "graph": "auto"},
