@@ -128,7 +128,6 @@ DEFAULTS = {
               "checkpoint_every": 5000, "sample_every": 10000, "keep_checkpoints": 3,
               "milestones": [], "on_nonfinite": "stop", "loss_scale_init": 65536.0,
               "loss_scale_growth_interval": 2000, "allreduce_bucket_mb": 25.0, "graph": "auto",
-
               "init_from": "", "init_weights": "ema", "init_strict": True},
     "sampler": {"steps": 1000, "noise": "exact", "lanczos_iterations": 40, "clip": True,
                 "variance": "fixed_small", "method": "ancestral", "eta": 0.0, "num_images": 16,
