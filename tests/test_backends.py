@@ -429,9 +429,10 @@ PROBE = textwrap.dedent(
                           noise=noise, lanczos_iterations=10, seed=11, batch_size=2,
                           progress=False)
         result[f"sample_{noise}"] = s.images
-    result.update(record_first_step(trainer))
+    first_step = record_first_step(trainer)  # filled by the first step
     result["loss"] = np.float64(trainer.train_step()[0])
     trainer.train_step()
+    result.update(first_step)
     result["iterations"] = ops.convert_to_numpy(trainer.optimizer.iterations)
     np.savez(out, **result)
     """
