@@ -180,7 +180,10 @@ def no_grad():
 
 
 def make_loss_and_grads(path_model, loss_fn, graph: str = "eager"):
-    """``fn(x, t, target, weight) -> (loss, grads)`` for one Flexi-UNet path.
+    """``fn(x, t, target, weight, *cond) -> (loss, grads)`` for one Flexi-UNet path.
+
+    ``cond`` is empty for an unconditional path and ``(y,)``, the int32 labels, for a
+    class-conditional one (its inputs are ``[x, t, y]``).
 
     ``grads`` are in the order of ``path_model.trainable_variables`` (exactly the path's
     variables); ``loss_fn(prediction, target, weight)`` returns a scalar. Non-trainable
@@ -197,12 +200,12 @@ def make_loss_and_grads(path_model, loss_fn, graph: str = "eager"):
 
     if BACKEND == "torch":
         forward = (_traced_call(path_model, training=True) if graph == "trace"
-                   else lambda x, t: path_model([x, t], training=True))
+                   else lambda *inputs: path_model(list(inputs), training=True))
 
-        def loss_and_grads(x, t, target, weight):
+        def loss_and_grads(x, t, target, weight, *cond):
             for v in variables:
                 v.value.grad = None
-            loss = loss_fn(forward(x, t), target, weight)
+            loss = loss_fn(forward(x, t, *cond), target, weight)
             loss.backward()
             return loss.detach(), [v.value.grad for v in variables]
 
@@ -211,9 +214,9 @@ def make_loss_and_grads(path_model, loss_fn, graph: str = "eager"):
     if BACKEND == "tensorflow":
 
         @tf.function
-        def loss_and_grads(x, t, target, weight):
+        def loss_and_grads(x, t, target, weight, *cond):
             with tf.GradientTape() as tape:
-                loss = loss_fn(path_model([x, t], training=True), target, weight)
+                loss = loss_fn(path_model([x, t, *cond], training=True), target, weight)
             return loss, tape.gradient(loss, variables)
 
         return loss_and_grads
@@ -221,15 +224,17 @@ def make_loss_and_grads(path_model, loss_fn, graph: str = "eager"):
     if BACKEND == "jax":
         state_vars = path_model.non_trainable_variables
 
-        def pure(trainable, state, x, t, target, weight):
-            pred, new_state = path_model.stateless_call(trainable, state, [x, t], training=True)
+        def pure(trainable, state, x, t, target, weight, *cond):
+            pred, new_state = path_model.stateless_call(trainable, state, [x, t, *cond],
+                                                        training=True)
             return loss_fn(pred, target, weight), new_state
 
         grad_fn = jax.jit(jax.value_and_grad(pure, has_aux=True))
 
-        def loss_and_grads(x, t, target, weight):
+        def loss_and_grads(x, t, target, weight, *cond):
             (loss, new_state), grads = grad_fn(
-                [v.value for v in variables], [v.value for v in state_vars], x, t, target, weight
+                [v.value for v in variables], [v.value for v in state_vars], x, t, target, weight,
+                *cond
             )
             for v, value in zip(state_vars, new_state):
                 v.assign(value)
@@ -336,7 +341,8 @@ INFERENCE_GRAPHS = ("trace", "eager")
 
 
 def inference_fn(model, graph: str = "trace"):
-    """``fn(x, t) -> model([x, t], training=False)``, compiled where that pays.
+    """``fn(x, t, *cond) -> model([x, t, *cond], training=False)``, compiled where that
+    pays (``cond``: ``(y,)`` int32 labels for a class-conditional path, else empty).
 
     torch: with ``graph="trace"`` (the default) a ``torch.jit.trace`` of the path per input
     shape (``_traced_call``), replayed on the CPU one chunk of the batch per torch thread
@@ -350,20 +356,21 @@ def inference_fn(model, graph: str = "trace"):
         state = model.non_trainable_variables
 
         @jax.jit
-        def pure(trainable_values, state_values, x, t):
-            out, _ = model.stateless_call(trainable_values, state_values, [x, t], training=False)
+        def pure(trainable_values, state_values, *inputs):
+            out, _ = model.stateless_call(trainable_values, state_values, list(inputs),
+                                          training=False)
             return out
 
-        def call(x, t):
-            return pure([v.value for v in trainable], [v.value for v in state], x, t)
+        def call(*inputs):
+            return pure([v.value for v in trainable], [v.value for v in state], *inputs)
 
         return call
 
     if BACKEND == "tensorflow":
 
         @tf.function
-        def call(x, t):
-            return model([x, t], training=False)
+        def call(*inputs):
+            return model(list(inputs), training=False)
 
         return call
 
@@ -372,26 +379,26 @@ def inference_fn(model, graph: str = "trace"):
         if fn is None:
             traced = _traced_call(model, training=False)
 
-            def replay(x, t):
+            def replay(*inputs):
                 with torch.no_grad():  # grad mode is per thread: set it where the call runs
-                    return traced(x, t)
+                    return traced(*inputs)
 
-            def fn(x, t):
+            def fn(*inputs):
                 with torch.no_grad():  # the grad mode needs_tracing keys on
-                    return _batch_parallel(replay, traced.needs_tracing, x, t)
+                    return _batch_parallel(replay, traced.needs_tracing, *inputs)
 
             object.__setattr__(model, "_ssd_traced_inference", fn)  # bypass Keras tracking
         return fn
 
-    def call(x, t):
+    def call(*inputs):
         with no_grad():
-            return model([x, t], training=False)
+            return model(list(inputs), training=False)
 
     return call
 
 
-def _batch_parallel(fn, needs_tracing, x, t):
-    """``fn(x, t)`` for a batch on the CPU, split over torch's threads (inter-op parallelism).
+def _batch_parallel(fn, needs_tracing, x, *rest):
+    """``fn(x, *rest)`` (``rest``: t, and y for a class-conditional path) for a batch on the CPU, split over torch's threads (inter-op parallelism).
 
     Under ``OMP_WAIT_POLICY=PASSIVE`` every multi-threaded op of a small batch pays for
     waking the other thread, which cost as much as the second thread saved (a 32 px path at
@@ -405,14 +412,14 @@ def _batch_parallel(fn, needs_tracing, x, t):
     check stay on the calling thread; GPU tensors and single images are not split.
     """
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
-        return fn(x, t)
+        return fn(x, *rest)
     k = min(torch.get_num_threads(), int(x.shape[0]))
     if k < 2:
-        return fn(x, t)
-    xs, ts = torch.tensor_split(x, k), torch.tensor_split(t, k)
-    if any(needs_tracing(a, b) for a, b in zip(xs, ts)):
-        return torch.cat([fn(a, b) for a, b in zip(xs, ts)])
-    return torch.cat(list(_CpuWorkers.get(k).map(fn, xs, ts)))
+        return fn(x, *rest)
+    chunks = list(zip(*(torch.tensor_split(v, k) for v in (x, *rest))))
+    if any(needs_tracing(*c) for c in chunks):
+        return torch.cat([fn(*c) for c in chunks])
+    return torch.cat(list(_CpuWorkers.get(k).map(fn, *zip(*chunks))))
 
 
 class _CpuWorkers:
@@ -458,7 +465,7 @@ if BACKEND == "torch":
 
 
 def _traced_call(model, training: bool = False):
-    """torch: ``model([x, t], training=training)`` replayed from a ``torch.jit.trace`` per
+    """torch: ``model([x, t, *cond], training=training)`` replayed from a ``torch.jit.trace`` per
     input shape, with no Python (Keras's per-layer bookkeeping) between the kernels.
 
     A trace replays the ops of one call. That is sound for the Flexi-UNet's paths, whose
@@ -479,39 +486,39 @@ def _traced_call(model, training: bool = False):
             super().__init__()
             self.keras_model = keras_model
 
-        def forward(self, x, t):
-            return self.keras_model([x, t], training=training)
+        def forward(self, *inputs):
+            return self.keras_model(list(inputs), training=training)
 
     wrapper = _Forward(model)
     traces: dict = {}
     params = [v.value for v in model.variables]
     traced_at: list = [None]  # the parameters' versions the traces were made with
 
-    def key_of(x, t):
+    def key_of(*inputs):
         grad = torch.is_grad_enabled()
         if not grad:
             versions = tuple(p._version for p in params)
             if versions != traced_at[0]:
                 traces.clear()
                 traced_at[0] = versions
-        return (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, grad)
+        return (*((tuple(v.shape), v.dtype) for v in inputs), grad)
 
-    def call(x, t):
-        key = key_of(x, t)
+    def call(*inputs):
+        key = key_of(*inputs)
         # optimized_execution(False): TorchScript's profiling executor would re-specialise
         # and fuse the graph on its first calls, which cost seconds per call here (the
         # plain interpreter runs a 32 px path at half the eager time from the 2nd call)
         with torch.jit.optimized_execution(False):
             fn = traces.get(key)
             if fn is not None:
-                return fn(x, t)
-            eager = wrapper(x, t)
+                return fn(*inputs)
+            eager = wrapper(*inputs)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(wrapper, (x, t), check_trace=False)
+                    traced = torch.jit.trace(wrapper, tuple(inputs), check_trace=False)
                 with torch.no_grad():
-                    ok = bool(torch.allclose(traced(x, t), eager.detach(), rtol=0.0, atol=1e-5))
+                    ok = bool(torch.allclose(traced(*inputs), eager.detach(), rtol=0.0, atol=1e-5))
             except Exception as exc:  # an op the tracer cannot record
                 traced, ok = None, False
                 why = f"{type(exc).__name__}: {exc}"
@@ -523,10 +530,10 @@ def _traced_call(model, training: bool = False):
             traces[key] = traced if ok else wrapper
             return eager
 
-    def needs_tracing(x, t) -> bool:
-        """Whether the next call with inputs shaped as ``(x, t)`` (under the current grad
+    def needs_tracing(*inputs) -> bool:
+        """Whether the next call with inputs shaped as these (under the current grad
         mode) traces, or runs eagerly because tracing failed for that shape."""
-        return traces.get(key_of(x, t), wrapper) is wrapper
+        return traces.get(key_of(*inputs), wrapper) is wrapper
 
     call.needs_tracing = needs_tracing
     return call

@@ -7,6 +7,11 @@ them to the path's variables only (``backend.apply_gradients``) and update the E
 (``train.on_nonfinite``). Data parallel, the ranks average their gradients first
 (``DataParallelStep``, docs/distributed.md).
 
+Class-conditional models: the step also takes the batch's labels; ``drop_labels``
+replaces each by the null class with probability ``train.cond_drop_prob`` (classifier-free
+guidance's label dropout, from the trainer's RNG) and the path gets them as its third
+input. Unconditional models take exactly the inputs they always took.
+
 Every framework call goes through ``ssd_keras.backend``.
 """
 
@@ -58,6 +63,16 @@ def _checked_timesteps(process, t, batch: int) -> np.ndarray:
     return t.astype(np.int64, copy=False)
 
 
+def drop_labels(y, rng: np.random.Generator, prob: float, null_label) -> np.ndarray:
+    """The labels ``y`` with each replaced by ``null_label`` with probability ``prob``
+    (one uniform draw per image from ``rng``; none when ``prob`` is 0), as int32."""
+    y = np.asarray(y).astype(np.int32)
+    if prob <= 0:
+        return y
+    drop = rng.random(y.shape[0]) < prob
+    return np.where(drop, np.int32(null_label), y)
+
+
 # ---------------------------------------------------------------------- loss, EMA
 def weighted_mse(prediction, target, weight):
     """The training loss: the per-image mean squared error, weighted, averaged over the batch."""
@@ -91,7 +106,7 @@ class PathGradients:
         self._unions: dict = {}
 
     def __call__(self, key):
-        """``(path model, fn(x, t, target, weight) -> (loss, grads))`` of path ``key``."""
+        """``(path model, fn(x, t, target, weight[, y]) -> (loss, grads))`` of path ``key``."""
         if key not in self._fns:
             path = self.model.path(*key)
             self._fns[key] = (path, backend.make_loss_and_grads(path, self.loss_fn, self.graph))
@@ -109,7 +124,8 @@ class PathGradients:
 # ---------------------------------------------------------------------- the step
 class Step:
     """One optimisation step of one process on the training state ``state``
-    (``training.state.TrainState``): ``step(x0, t, key, noise) -> (loss, key, t)``."""
+    (``training.state.TrainState``): ``step(x0, t, key, noise[, y]) -> (loss, key, t)``
+    (``y``: the batch's labels, class-conditional models only)."""
 
     def __init__(self, state, objective, gradients: PathGradients, cfg, jax_distribution=None):
         self.state = state
@@ -118,7 +134,7 @@ class Step:
         self.cfg = cfg
         self.jax_distribution = jax_distribution
 
-    def __call__(self, x0, t, key, noise):
+    def __call__(self, x0, t, key, noise, y=None):
         from keras import ops
 
         x_t, target, weight = self.objective.training_example(ops.convert_to_tensor(x0), t, noise)
@@ -129,6 +145,10 @@ class Step:
             ops.convert_to_tensor(target, dtype="float32"),
             ops.convert_to_tensor(np.asarray(weight, np.float32)),
         )
+        if y is not None:  # class-conditional: labels, some dropped to the null class
+            y = drop_labels(y, self.state.rng, self.cfg.train.cond_drop_prob,
+                            self.state.model.null_label)
+            inputs += (ops.convert_to_tensor(y, dtype="int32"),)
         if self.jax_distribution is not None:  # the batch split over the local devices
             inputs = distributed.shard_batch(self.jax_distribution, *inputs)
         loss, grads = loss_and_grads(*inputs)
