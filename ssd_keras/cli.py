@@ -144,10 +144,11 @@ def sample(
     if cfg.model.num_classes:
         name += f"_w{s.guidance:g}" + ("" if classes is None else "_c" + "-".join(map(str, classes)))
     out = out or run_dir / "samples" / (name + ("" if ema else "_raw"))
-    calls = len(process.respace(s.steps)) * (1 if s.guidance in (0.0, 1.0) else 2)
+    guided = cfg.model.num_classes and s.guidance not in (0.0, 1.0)
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
-         f"{calls} network evaluations per image"
-         + (f", guidance {s.guidance:g}" if cfg.model.num_classes else ""))
+         f"{len(process.respace(s.steps))} network calls per image"
+         + (f", guidance {s.guidance:g}" if cfg.model.num_classes else "")
+         + (" (each call at double batch: the class and the null class)" if guided else ""))
     _write_samples(model, process, objective, cfg, out, progress, classes, names)
 
 
