@@ -334,3 +334,37 @@ def test_sample_by_class_and_guidance_through_the_cli(tmp_path, capsys):
     assert main(["sample", run, "--class", "eleven", "--steps", "5", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error: --class: unknown class 'eleven'; this run's 10 classes are 0, 1" in err
+
+
+def test_evaluation_samples_are_class_balanced_and_record_the_guidance(tiny, tmp_path, monkeypatch):
+    import ssd_keras.sample as sample_module
+    from ssd_keras.evaluation import sample_to_folder
+
+    model, process, objective = tiny
+    cfg = load_pipeline(PIPELINE, ["model.num_classes=3", "sampler.steps=4", "sampler.batch_size=4",
+                                   "eval.chunk_size=4", "sampler.guidance=2"])
+    asked = []
+    real = sample_module.sample_images
+
+    def recording(*args, labels=None, guidance=1.0, **kwargs):
+        asked.append((labels.tolist(), guidance))
+        return real(*args, labels=labels, guidance=guidance, **kwargs)
+
+    monkeypatch.setattr(sample_module, "sample_images", recording)
+    sample_to_folder(lambda: (model, process, objective), cfg, tmp_path, num_samples=7,
+                     identity={}, progress=False)
+    assert asked == [([0, 1, 2, 0], 2.0), ([1, 2, 0, 1], 2.0)]  # sample i: class i mod 3
+    assert json.loads((tmp_path / "samples.json").read_text())["sampler"]["guidance"] == 2.0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sampler.guidance=2", "model.num_classes=0", "data.labels=false"],
+     "sampler.guidance = 2.0: guidance needs a class-conditional model"),
+    (['data.labels_file="x.csv"'], 'data.labels_file = "x.csv": is only used with data.source = "folder"'),
+    (["data.classes=[\"a\", \"a\"]"], "data.classes = \\[\"a\", \"a\"\\]: names a class twice"),
+    (["data.classes=[\"a\", \"b\"]"], "data.classes = \\[\"a\", \"b\"\\]: lists 2 classes, model.num_classes = 10"),
+    (["model.null_class=false"], "train.cond_drop_prob = 0.1: label dropout needs the null class"),
+])
+def test_class_conditional_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline(ROOT / "pipelines" / "quickstart_classes.toml", overrides)
