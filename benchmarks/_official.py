@@ -209,7 +209,8 @@ class OfficialTwin:
         for variable in keras_unet.model.trainable_variables:
             value = np.asarray(ops.convert_to_numpy(variable.value))
             for key in names[variable.path]:
-                state[key] = self.torch.from_numpy(from_keras_array(value, tuple(state[key].shape)).copy())
+                state[key] = self.torch.from_numpy(
+                    from_keras_array(value, tuple(state[key].shape), key).copy())
                 filled.add(key)
         self.model.load_state_dict(state)
         self.unused = sorted(set(state) - filled)  # the top level's last decoder block

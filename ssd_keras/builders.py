@@ -58,7 +58,7 @@ def build_dataset(cfg: PipelineConfig, *, shard_index: int = 0, num_shards: int 
     from .data import make_dataset
 
     d = dataclasses.asdict(cfg.data)
-    for key in ("path", "split_file", "tfds_name", "tfds_data_dir"):
+    for key in ("path", "split_file", "tfds_name", "tfds_data_dir", "labels_file"):
         d[key] = d[key] or None  # "" in TOML means "not set"
     d["limit"] = d["limit"] or None
     return make_dataset(

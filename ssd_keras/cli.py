@@ -45,6 +45,8 @@ STEPS = _unset("Respaced sampling steps K (change steps are added).")
 NOISE = _unset("Posterior noise on change steps: exact | lanczos.")
 METHOD = _unset("ancestral | ddim (docs/sampling.md).")
 ETA = _unset("ddim noise in [0, 1]: 0 deterministic, 1 ancestral.")
+GUIDANCE = _unset("Class-conditional runs: classifier-free guidance scale w (1 = conditional, "
+                  "0 = unconditional; docs/sampling.md).")
 RUNS_DIR = typer.Option(Path("runs"), help="Where runs live.")
 PROGRESS = typer.Option(True, "--progress/--no-progress")
 
@@ -114,6 +116,10 @@ def sample(
     batch_size: Optional[int] = _unset("Images per batch."),
     seed: Optional[int] = _unset("Sampling seed."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip x0 predictions to [-1, 1]."),
+    class_: List[str] = typer.Option(
+        [], "--class", "-c", help="Class-conditional runs: the class(es) to draw, by name or "
+                                  "index (repeatable, or 3,5,7); one grid row each (default: all)."),
+    guidance: Optional[float] = GUIDANCE,
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights."),
     checkpoint: Optional[Path] = _unset("A checkpoint file (default: the run's newest)."),
     out: Optional[Path] = _unset("Output directory (default: RUN/samples/<settings>)."),
@@ -121,19 +127,35 @@ def sample(
     progress: bool = PROGRESS,
 ):
     """Sample from a trained run: grid.png, images/, progression.png."""
-    from .runs import find_run, load_run, sampling_parts, settings_name
+    from .runs import find_run, load_run, read_classes, resolve_classes, sampling_parts, settings_name
 
     run_dir = find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir, checkpoint)
     cfg = _with_options(cfg, path, sampler=dict(
         steps=steps, noise=noise, lanczos_iterations=lanczos_iterations, num_images=num_images,
-        batch_size=batch_size, seed=seed, clip=clip, method=method, eta=eta))
+        batch_size=batch_size, seed=seed, clip=clip, method=method, eta=eta, guidance=guidance))
+    names, classes = None, None
+    if cfg.model.num_classes:
+        names = read_classes(run_dir, cfg.model.num_classes)
+        try:
+            classes = resolve_classes(class_, names) if class_ else None
+        except ValueError as exc:
+            raise UserError(f"--class: {exc}") from None
+    elif class_:
+        raise UserError(f"--class {class_[0]}: {run_dir} is an unconditional run "
+                        "(model.num_classes = 0)")
     model, process, objective = sampling_parts(cfg, groups, meta, path, ema)
     s = cfg.sampler
-    out = out or run_dir / "samples" / (settings_name(meta["step"], s) + ("" if ema else "_raw"))
+    name = settings_name(meta["step"], s)
+    if cfg.model.num_classes:
+        name += f"_w{s.guidance:g}" + ("" if classes is None else "_c" + "-".join(map(str, classes)))
+    out = out or run_dir / "samples" / (name + ("" if ema else "_raw"))
+    guided = cfg.model.num_classes and s.guidance not in (0.0, 1.0)
     _say(f"sampling {s.num_images} images from {path} ({'EMA' if ema else 'raw'} weights), "
-         f"{len(process.respace(s.steps))} network calls per image")
-    _write_samples(model, process, objective, cfg, out, progress)
+         f"{len(process.respace(s.steps))} network calls per image"
+         + (f", guidance {s.guidance:g}" if cfg.model.num_classes else "")
+         + (" (each call at double batch: the class and the null class)" if guided else ""))
+    _write_samples(model, process, objective, cfg, out, progress, classes, names)
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -148,6 +170,7 @@ def evaluate(
     noise: Optional[str] = NOISE,
     method: Optional[str] = METHOD,
     eta: Optional[float] = ETA,
+    guidance: Optional[float] = GUIDANCE,
     seed: Optional[int] = _unset("Sampling seed (also seeds the KID subsets)."),
     batch_size: Optional[int] = _unset("Images per sampling batch."),
     chunk_size: Optional[int] = _unset(
@@ -174,12 +197,14 @@ def evaluate(
     run_dir = find_run(run, runs_dir)
     cfg, groups, meta, path = load_run(run_dir)
     cfg = _with_options(
-        cfg, path, sampler=dict(steps=steps, noise=noise, batch_size=batch_size, seed=seed, method=method, eta=eta),
+        cfg, path, sampler=dict(steps=steps, noise=noise, batch_size=batch_size, seed=seed, method=method, eta=eta,
+                                guidance=guidance),
         eval=dict(num_samples=None if samples_dir else num_samples, chunk_size=chunk_size,
                   inception_weights=inception_weights and str(inception_weights),
                   reference=reference and str(reference), cache_dir=cache_dir and str(cache_dir)))
     e, s = cfg.eval, cfg.sampler
-    out = out or samples_dir or run_dir / "eval" / settings_name(meta["step"], s)
+    out = out or samples_dir or run_dir / "eval" / (
+        settings_name(meta["step"], s) + (f"_w{s.guidance:g}" if cfg.model.num_classes else ""))
     identity = {"run": str(run_dir), "checkpoint": str(path), "step": meta["step"], "ema": True}
     try:
         result = run_evaluation(
@@ -203,10 +228,12 @@ def _with_options(cfg, path, **sections: dict):
     return cfg.replace(**given, source=f"{path} (with command-line options)")
 
 
-def _write_samples(model, process, objective, cfg, out: Path, progress: bool) -> None:
+def _write_samples(model, process, objective, cfg, out: Path, progress: bool, classes=None,
+                   names=None) -> None:
     from .runs import write_samples
 
-    w = write_samples(model, process, objective, cfg, out, progress=progress)
+    w = write_samples(model, process, objective, cfg, out, progress=progress, classes=classes,
+                      names=names)
     _say(f"wrote {w['images']} samples in {w['seconds']:.1f} s ({w['seconds'] / w['images']:.2f} s/image): "
          f"{w['grid']}, {w['progression']}")
 

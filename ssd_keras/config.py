@@ -142,6 +142,14 @@ class DataConfig:
     small_images: Literal["upscale", "skip", "error"] = "upscale"
     num_workers: Int = Field(2, ge=0)
     limit: Int = Field(0, ge=0, description="0 = all images")
+    labels: Bool = Field(False, description="class labels for a class-conditional model: the "
+                                            "digits' own, a folder's class subfolders (or "
+                                            "labels_file), a tfds label_key")
+    labels_file: Str = Field("", description="folder: lines `relative/path.png,class` "
+                                             "instead of class subfolders")
+    label_key: Str = Field("label", min_length=1, description="tfds: the label feature")
+    classes: tuple[Annotated[str, Strict(), Field(min_length=1)], ...] = Field(
+        (), description="the class names in label order (default: found in the data, sorted)")
 
 
 @_section
@@ -172,6 +180,11 @@ class ModelConfig:
     num_head_channels: Int = Field(-1, description="-1 = use num_heads; else channels per head")
     dropout: Float = Field(0.1, ge=0.0, lt=1.0)
     full_res_change_via_upsample: Bool = True
+    num_classes: Int = Field(0, ge=0, description="class-conditional with this many classes "
+                                                  "(ADM's label_emb); 0 = unconditional")
+    null_class: Bool = Field(True, description="one more learned 'no class' row for "
+                                               "classifier-free guidance (official "
+                                               "checkpoints have none)")
 
 
 @_section
@@ -224,6 +237,8 @@ class TrainConfig:
     init_weights: Literal["ema", "raw"] = Field("ema", description="which weights of the source")
     init_strict: Bool = Field(True, description="false: load every tensor that fits and list "
                                                 "the rest")
+    cond_drop_prob: Float = Field(0.1, ge=0.0, lt=1.0, description="class-conditional: "
+                                  "share of labels replaced by the null class (guidance)")
 
 
 @_section
@@ -243,6 +258,8 @@ class SamplerConfig:
     seed: Int = Field(0, ge=0)
     graph: Graph = Field("auto", description="torch: auto | eager | trace | compile; auto = "
                                             "trace on CPU, compile with CUDA graphs on CUDA")
+    guidance: Float = Field(1.0, ge=0.0, description="class-conditional: classifier-free "
+                            "guidance scale w (1 = the conditional model, 0 = unconditional)")
 
 
 @_section
@@ -591,6 +608,27 @@ def _validate(cfg: PipelineConfig) -> list[str]:
         if getattr(data, key) and data.source != owner:
             err(f"data.{key}", f'is only used with data.source = "{owner}" (data.source = '
                                f'"{data.source}"): remove it, or set the source')
+
+    if data.labels_file and data.source != "folder":
+        err("data.labels_file", f'is only used with data.source = "folder" (data.source = '
+                                f'"{data.source}")')
+    if data.labels_file and not data.labels:
+        err("data.labels_file", "needs data.labels = true")
+    if data.classes and len(set(data.classes)) != len(data.classes):
+        err("data.classes", "names a class twice")
+    if data.labels and not m.num_classes:
+        err("data.labels", "labels train a class-conditional model: set model.num_classes")
+    if data.classes and m.num_classes and len(data.classes) != m.num_classes:
+        err("data.classes", f"lists {len(data.classes)} classes, model.num_classes = "
+                            f"{m.num_classes}")
+    if cfg.train.cond_drop_prob > 0 and m.num_classes and not m.null_class:
+        err("train.cond_drop_prob", "label dropout needs the null class (model.null_class = "
+                                    "true); set it to 0")
+    if sampler.guidance != 1.0 and not m.num_classes:
+        err("sampler.guidance", "guidance needs a class-conditional model (model.num_classes)")
+    if sampler.guidance != 1.0 and m.num_classes and not m.null_class:
+        err("sampler.guidance", "this model has no null-class row (model.null_class = false, "
+                                "e.g. an official checkpoint): only guidance 1 is defined")
 
     # [process] against [model] (docs/math.md section 2: every level is a UNet feature resolution)
     n_unet = len(m.channel_mult)

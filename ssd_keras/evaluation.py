@@ -93,6 +93,14 @@ def _sampler_settings(cfg) -> dict:
     return d
 
 
+def balanced_labels(num_classes: int, start: int, count: int):
+    """Class-conditional runs: sample ``i`` has class ``i mod num_classes`` (a class-balanced
+    sample whatever the chunking); ``None`` for unconditional runs."""
+    if not num_classes:
+        return None
+    return (np.arange(start, start + count) % num_classes).astype(np.int32)
+
+
 # ---------------------------------------------------------------------------- samples
 def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, identity: dict,
                      progress: bool = True, say: Callable = print) -> dict:
@@ -161,7 +169,8 @@ def sample_to_folder(parts: Callable, cfg, folder: Path, *, num_samples: int, id
             t0 = time.perf_counter()
             settings = dict(asdict(s), num_images=want, seed=chunk_seed(s.seed, c))
             result = sample_images(model, process, objective, **settings, progress=progress,
-                                   execution=execution)
+                                   execution=execution,
+                                   labels=balanced_labels(cfg.model.num_classes, start, want))
             try:
                 save_images(result.images[: stop - start], images, start=start)  # named as name(i)
             except OSError as exc:  # a full disk: what is written stays, the rest resumes
@@ -220,7 +229,7 @@ def reference_folder(cfg, num_images: int, cache_dir: Path, *, progress: bool = 
     folder = Path(cache_dir) / "reference" / f"{cfg.data.source}{cfg.process.image_size}-{key}"
     if (folder / "reference.json").is_file():
         return folder, json.loads((folder / "reference.json").read_text())
-    ds = build_dataset(cfg.replace(data={"random_flip": False}, run={"seed": REFERENCE_SEED},
+    ds = build_dataset(cfg.replace(data={"random_flip": False, "labels": False, "labels_file": ""}, run={"seed": REFERENCE_SEED},
                                    source="evaluation reference (random_flip = false)"))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -342,6 +351,9 @@ def _evaluate(cfg, *, out: Path, parts: Callable | None, identity: dict, samples
                                        progress=progress, say=say))
         folder = out / "images"
         files = [folder / f"{i:06d}.png" for i in range(e.num_samples)]
+        if cfg.model.num_classes:
+            result["classes"] = {"num_classes": cfg.model.num_classes, "guidance": cfg.sampler.guidance,
+                                 "labels": "class-balanced: sample i has class i mod num_classes"}
         result["sampler"] = {**_sampler_settings(cfg), "ema": identity.get("ema", True),
                              "chunk_size": chunk_size_for(s.batch_size, e.chunk_size),
                              "chunk_seeds": "numpy SeedSequence([seed, chunk index])"}

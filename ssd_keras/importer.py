@@ -106,6 +106,24 @@ def find_pipeline(tensors: dict, checkpoint: Path, directory: Path = BUNDLED_PIP
     )
 
 
+def class_conditional(cfg: PipelineConfig, tensors: dict, checkpoint: Path) -> PipelineConfig:
+    """``cfg`` fitted to a class-conditional official file (one with ``label_emb.weight``):
+    ``model.num_classes`` from its rows, ``model.null_class = false`` (ADM's embedding has
+    no "no class" row, so guidance is refused: ``sampler.guidance = 1``,
+    ``train.cond_drop_prob = 0``). An unconditional file leaves ``cfg`` as it is."""
+    emb = tensors.get("label_emb.weight")
+    if emb is None:
+        return cfg
+    rows = int(emb.shape[0])
+    if cfg.model.num_classes not in (0, rows):
+        raise OfficialCheckpointError(
+            f"{checkpoint}: label_emb.weight has {rows} classes, the pipeline's "
+            f"model.num_classes = {cfg.model.num_classes}")
+    return cfg.replace(model={"num_classes": rows, "null_class": False},
+                       train={"cond_drop_prob": 0.0}, sampler={"guidance": 1.0},
+                       source=f"{cfg.source} (class-conditional: {checkpoint.name})")
+
+
 def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
                       runs_dir=Path("runs")) -> ImportReport:
     """Turn an official state_dict into ``runs_dir/<name>/`` (see the module docstring)."""
@@ -117,11 +135,12 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
         return import_safetensors(checkpoint, pipeline=pipeline, name=name, runs_dir=runs_dir)
     tensors = read_state_dict(checkpoint)
     if pipeline is not None:
-        cfg = load_pipeline(pipeline)
+        cfg = class_conditional(load_pipeline(pipeline), tensors, checkpoint)
         reason = f"{Path(pipeline).name}: named with --pipeline"
         check_state_dict(tensors, _shapes_of(cfg), source=str(checkpoint), pipeline=str(pipeline))
     else:
         cfg, reason = find_pipeline(tensors, checkpoint)
+        cfg = class_conditional(cfg, tensors, checkpoint)
     run_name = name or checkpoint.stem
     cfg = cfg.replace(run={"name": run_name, "output_dir": str(runs_dir)})
     run_dir = Path(runs_dir) / run_name

@@ -42,6 +42,7 @@ def official_tensor_shapes(
     attention_resolutions,
     in_channels: int = 3,
     out_channels: int = 3,
+    num_classes: int = 0,
 ) -> dict[str, tuple[int, ...]]:
     """Every tensor of the official FlexiUNet's state_dict, in its order, with its shape.
 
@@ -49,6 +50,8 @@ def official_tensor_shapes(
     included, although no path runs it) plus 1x1 adapters for every UNet resolution below
     the top whose channel count differs from the stem's; an adapter shared by several
     resolutions is listed under each (``adapters_in.<res>``, ``adapters_out.<res>``).
+    A class-conditional network (``num_classes``) has ADM's ``label_emb.weight``
+    (num_classes, 4 base_channels), with no "no class" row.
     """
     ch = [int(base_channels) * int(m) for m in channel_mult]
     n = len(ch)
@@ -82,6 +85,8 @@ def official_tensor_shapes(
 
     affine("time_embed.0", emb, (int(base_channels),))
     affine("time_embed.2", emb, (emb,))
+    if num_classes:
+        shapes["label_emb.weight"] = (int(num_classes), emb)
     conv("input_blocks.0.0", int(in_channels), ch[0], 3)
     skips, c, idx = [ch[0]], ch[0], 1
     for k in range(n):
@@ -151,6 +156,7 @@ def model_tensor_shapes(model_cfg, image_size: int, in_channels: int = 3) -> dic
         model_cfg.attention_resolutions,
         in_channels=in_channels,
         out_channels=in_channels,
+        num_classes=getattr(model_cfg, "num_classes", 0),
     )
 
 
@@ -159,7 +165,8 @@ _NUMBERED = re.compile(
     r"^(input_blocks|output_blocks|middle_block|in_layers|out_layers|emb_layers|time_embed|out)"
     r"((?:_\d+)+)$"
 )
-_LEAF = {"kernel": "weight", "gamma": "weight", "bias": "bias", "beta": "bias"}
+_LEAF = {"kernel": "weight", "gamma": "weight", "bias": "bias", "beta": "bias",
+         "embeddings": "weight"}
 
 
 def official_names(unet) -> dict[str, list[str]]:
@@ -194,10 +201,13 @@ def official_names(unet) -> dict[str, list[str]]:
     return names
 
 
-def to_keras_array(official: np.ndarray, keras_shape: tuple[int, ...]) -> np.ndarray:
-    """An official tensor in the layout of the Keras variable of shape ``keras_shape``."""
+def to_keras_array(official: np.ndarray, keras_shape: tuple[int, ...], key: str = "") -> np.ndarray:
+    """An official tensor (named ``key``) in the layout of the Keras variable of shape
+    ``keras_shape``. An embedding table (``label_emb.weight``) keeps its layout."""
     a = np.asarray(official)
-    if len(keras_shape) == 4 and a.ndim == 4:  # conv (out, in, kh, kw) -> (kh, kw, in, out)
+    if key.endswith("label_emb.weight"):
+        pass
+    elif len(keras_shape) == 4 and a.ndim == 4:  # conv (out, in, kh, kw) -> (kh, kw, in, out)
         a = a.transpose(2, 3, 1, 0)
     elif len(keras_shape) == 2 and a.ndim == 3 and a.shape[-1] == 1:  # conv1d 1x1 -> dense
         a = a[:, :, 0].T
@@ -206,9 +216,11 @@ def to_keras_array(official: np.ndarray, keras_shape: tuple[int, ...]) -> np.nda
     return np.ascontiguousarray(a)
 
 
-def from_keras_array(array: np.ndarray, official_shape: tuple[int, ...]) -> np.ndarray:
+def from_keras_array(array: np.ndarray, official_shape: tuple[int, ...], key: str = "") -> np.ndarray:
     """The inverse of ``to_keras_array`` (for writing official-format files in tests)."""
     a = np.asarray(array)
+    if key.endswith("label_emb.weight"):
+        return a
     if a.ndim == 4:
         return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
     if a.ndim == 2 and len(official_shape) == 3:
@@ -304,7 +316,11 @@ def keras_arrays(unet, tensors: Mapping[str, np.ndarray], *, source: str) -> tup
                     f"{source}: {keys[0]!r} and {other!r} are one shared adapter in the "
                     f"official network but hold different values"
                 )
-        array = to_keras_array(first, tuple(variable.shape))
+        array = to_keras_array(first, tuple(variable.shape), keys[0])
+        if keys[0] == "label_emb.weight" and array.shape[0] + 1 == variable.shape[0]:
+            raise OfficialCheckpointError(
+                f"{source}: the official label_emb has {array.shape[0]} rows, no null-class "
+                f"row; build the model with model.null_class = false to import it")
         if array.shape != tuple(variable.shape):
             raise OfficialCheckpointError(
                 f"{source}: tensor {keys[0]!r} of shape {first.shape} does not fit variable "

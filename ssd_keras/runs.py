@@ -17,6 +17,7 @@ from .checkpoint import (CheckpointError, assign_checked, latest_good_checkpoint
 from .config import from_dict
 
 CHANNELS = 3  # RGB; the bundled digits are replicated to three channels
+CLASSES_FILE = "classes.txt"  # a class-conditional run's class names, one a line, in label order
 
 
 class RunNotFoundError(CheckpointError):
@@ -115,21 +116,83 @@ def settings_name(step: int, sampler) -> str:
     return f"step{step}_K{sampler.steps}_{method}_seed{sampler.seed}"
 
 
-def write_samples(model, process, objective, cfg, out: Path, progress: bool = True) -> dict:
+# ------------------------------------------------------------------ classes
+def write_classes(run_dir, classes) -> Path:
+    """Record a class-conditional run's class names (label order) in ``run_dir/classes.txt``."""
+    path = Path(run_dir) / CLASSES_FILE
+    text = "".join(f"{name}\n" for name in classes)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_classes(run_dir, num_classes: int) -> list[str]:
+    """The class names of a run (``classes.txt``; else the label numbers ``"0"...``)."""
+    path = Path(run_dir) / CLASSES_FILE
+    if path.is_file():
+        names = path.read_text(encoding="utf-8").splitlines()
+        if len(names) == num_classes:
+            return names
+    return [str(i) for i in range(num_classes)]
+
+
+def resolve_classes(asked, names: list[str]) -> list[int]:
+    """Class indices of the names or indices ``asked`` (``"7"``, ``"golden retriever"``,
+    ``"3,5"``); a ``ValueError`` names the first unknown one."""
+    out = []
+    for item in asked:
+        for token in [item] if item in names else str(item).split(","):
+            token = token.strip()
+            if token in names:
+                out.append(names.index(token))
+            elif token.isdigit() and int(token) < len(names):
+                out.append(int(token))
+            else:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise ValueError(f"unknown class {token!r}; this run's {len(names)} classes "
+                                 f"are {shown} (a name or an index 0..{len(names) - 1})")
+    return out
+
+
+def class_rows(num_classes: int, num_images: int, classes=None):
+    """``(labels, columns)``: one grid row per class of ``classes`` (default all), each of
+    ``num_images // len(classes)`` images (at least 1); ``(None, None)`` unconditional."""
+    import numpy as np
+
+    if not num_classes:
+        return None, None
+    classes = list(range(num_classes)) if classes is None else list(classes)
+    per_row = max(1, num_images // len(classes))
+    return np.repeat(np.asarray(classes, np.int32), per_row), per_row
+
+
+def write_samples(model, process, objective, cfg, out: Path, progress: bool = True,
+                  classes=None, names=None) -> dict:
     """Sample ``cfg.sampler.num_images`` images with the ``[sampler]`` settings and write
     ``out/grid.png``, ``out/images/00000.png ...`` and ``out/progression.png``.
 
-    Returns ``{"images", "seconds", "grid", "progression"}`` (how many, how long, where).
+    A class-conditional model draws one grid row per class of ``classes`` (indices;
+    default all), with guidance ``sampler.guidance``, and ``out/labels.txt`` names each
+    image's class (``names``). Returns ``{"images", "seconds", "grid", "progression"}``
+    (how many, how long, where).
     """
     from .images import save_grid, save_images, save_progression
     from .sample import sample_images
 
+    settings = dataclasses.asdict(cfg.sampler)
+    labels, columns = class_rows(getattr(model, "num_classes", 0), settings["num_images"], classes)
+    if labels is not None:
+        settings["num_images"] = len(labels)
     start = time.perf_counter()
-    result = sample_images(model, process, objective, **dataclasses.asdict(cfg.sampler),
+    result = sample_images(model, process, objective, **settings, labels=labels,
                            record_progression=True, progress=progress)
     seconds = time.perf_counter() - start
     out = Path(out)
-    grid = save_grid(result.images, out / "grid.png")
+    grid = save_grid(result.images, out / "grid.png", columns)
     save_images(result.images, out / "images", digits=5)
+    if labels is not None:
+        names = names or [str(i) for i in range(model.num_classes)]
+        (out / "labels.txt").write_text("".join(
+            f"images/{i:05d}.png,{names[c]}\n" for i, c in enumerate(labels)), encoding="utf-8")
     progression = save_progression(result.frames, out / "progression.png", process.image_size)
     return {"images": len(result.images), "seconds": seconds, "grid": grid, "progression": progression}

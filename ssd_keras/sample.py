@@ -55,6 +55,9 @@ def sample_images(
     start_step: int | None = None,
     noise_source=None,
     guide=None,
+    labels=None,
+    guidance: float = 1.0,
+    guidance_batch: bool = True,
 ) -> SampleResult:
     """Draw ``num_images`` samples with ``steps`` respaced steps (default: all T).
 
@@ -76,6 +79,14 @@ def sample_images(
     in the chain's order; ``guide`` (``edits.Guide``) maps the first noise to the starting
     state (``guide.start``), may replace part of each new state (``guide.state``) and of the
     final image (``guide.final``).
+
+    Class-conditional models (``model.num_classes``): ``labels`` holds one class index per
+    image (default: the null class, i.e. unconditional samples), ``guidance`` the
+    classifier-free guidance scale w: the x0 prediction is ``x0_null + w (x0_y - x0_null)``
+    before clipping (docs/sampling.md, "Classifier-free guidance"); w = 1 is the
+    conditional model alone, w = 0 the null-class model alone (one network call each).
+    Otherwise both predictions are needed: one call at double batch
+    (``guidance_batch=True``) or two calls.
     """
     from keras import ops
 
@@ -88,6 +99,7 @@ def sample_images(
     rng = np.random.default_rng(seed)
     if execution is None:
         execution = backend.Execution(sample_graph=graph)
+    labels, guidance = _check_labels(model, labels, float(guidance), num_images)
 
     def normal(b: int, t: int):
         """Standard normal noise for ``b`` images at resolution ``r(t)``, from the seeded host RNG
@@ -97,12 +109,8 @@ def sample_images(
             return ops.convert_to_tensor(np.asarray(noise_source(rows, t)), dtype="float32")
         return ops.convert_to_tensor(rng.standard_normal((b, r, r, channels)), dtype="float32")
 
-    def denoise(x, t):
-        """The network's x0 prediction at ``r(s)`` (docs/math.md eq. 9), clipped (section 5)."""
-        network = execution.forward(model.path(*process.path_at(t)))  # kept per path
-        pred = network(x, ops.full((x.shape[0],), float(t), dtype="float32"))
-        x0_hat = objective.to_x0(ops.cast(pred, "float32"), x, t)
-        return ops.clip(x0_hat, -1.0, 1.0) if clip else x0_hat
+    denoise = denoiser(model, process, objective, execution=execution, clip=clip,
+                       guidance=guidance, guidance_batch=guidance_batch)
 
     def reverse_step(x0_hat, x, t, s):
         """``x_t -> x_s`` for the kept pair ``t > s`` (docs/math.md section 7)."""
@@ -124,22 +132,23 @@ def sample_images(
     bar = tqdm(total=(len(pairs) + 1) * len(batches), desc="sampling", unit="step",
                disable=not progress, leave=False)
     outputs, frames, calls = [], [], 0
-    for b in batches:
+    for i, b in enumerate(batches):
         rows = range(sum(len(o) for o in outputs), sum(len(o) for o in outputs) + b)
+        y = None if labels is None else labels[i * batch_size: i * batch_size + b]
         # x_T ~ N(0, I) at r(T-1), the coarsest resolution: the forward marginal (eq. 8)
         # there, where a_t is almost 0 (a guide starts from q(x_t | x0) at its own step)
         x = normal(b, pairs[0][0] if pairs else 0)
         if guide is not None:
             x = guide.start(x, pairs[0][0] if pairs else 0, rows)
         for t, s in pairs:
-            x0_hat = denoise(x, t)
+            x0_hat = denoise(x, t, y)
             if t in record_at and not outputs:
                 frames.append({"t": t, "x_t": _np(x), "x0_hat": _np(x0_hat)})
             x = reverse_step(x0_hat, x, t, s)
             if guide is not None:
                 x = guide.state(x, s, rows, normal)
             bar.update(1)
-        final = denoise(x, 0)  # the last step returns the clipped x0 prediction, no noise (section 5)
+        final = denoise(x, 0, y)  # the last step returns the clipped x0 prediction, no noise (section 5)
         if guide is not None:
             final = guide.final(final, rows)
         calls += len(pairs) + 1
@@ -149,6 +158,75 @@ def sample_images(
         outputs.append(_np(final))
     bar.close()
     return SampleResult(np.concatenate(outputs, 0), frames, calls)
+
+
+def denoiser(model, process, objective, *, execution, clip: bool = True,
+             guidance: float = 1.0, guidance_batch: bool = True):
+    """``denoise(x, t, y=None)``: the network's x0 prediction at ``r(s)`` (docs/math.md
+    eq. 9), guided, clipped (section 5).
+
+    With labels ``y`` (class-conditional models) and guidance w (docs/sampling.md,
+    "Classifier-free guidance"): ``x0_null + w (x0_y - x0_null)``, where ``x0_null`` is the
+    prediction for the null class; w = 1 is one call with ``y``, w = 0 one call with the
+    null class, any other w one call on ``[x, x]`` with labels ``[y, null]``
+    (``guidance_batch``) or two calls. The network runs as ``execution``
+    (``backend.Execution``) says.
+    """
+    from keras import ops
+
+    def predict(x, t, y):
+        network = execution.forward(model.path(*process.path_at(t)))  # kept per path
+        cond = () if y is None else (ops.convert_to_tensor(y, dtype="int32"),)
+        pred = network(x, ops.full((x.shape[0],), float(t), dtype="float32"), *cond)
+        return objective.to_x0(ops.cast(pred, "float32"), x, t)
+
+    def denoise(x, t, y=None):
+        if y is None or guidance == 1.0:
+            x0_hat = predict(x, t, y)
+        elif guidance == 0.0:
+            x0_hat = predict(x, t, np.full_like(y, model.null_label))
+        else:
+            null = np.full_like(y, model.null_label)
+            if guidance_batch:  # one call on [x, x] with labels [y, null]
+                both = predict(ops.concatenate([x, x], axis=0), t, np.concatenate([y, null]))
+                cond, uncond = both[: x.shape[0]], both[x.shape[0]:]
+            else:
+                cond, uncond = predict(x, t, y), predict(x, t, null)
+            x0_hat = uncond + guidance * (cond - uncond)
+        return ops.clip(x0_hat, -1.0, 1.0) if clip else x0_hat
+
+    return denoise
+
+
+def _check_labels(model, labels, guidance: float, num_images: int):
+    """``(labels as int32 array or None, guidance)``, or a ValueError naming the problem."""
+    classes = int(getattr(model, "num_classes", 0) or 0)
+    if not classes:
+        if labels is not None:
+            raise ValueError("labels given, but the model is unconditional (model.num_classes = 0)")
+        if guidance != 1.0:
+            raise ValueError(f"guidance {guidance:g} needs a class-conditional model")
+        return None, 1.0
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance:g}")
+    null = model.null_label
+    if labels is None:
+        if null is None:
+            raise ValueError("this class-conditional model has no null class (an official "
+                             "checkpoint): give a class for every image")
+        return np.full(num_images, null, np.int32), 1.0
+    labels = np.asarray(labels)
+    if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels: expected {num_images} integer class indices, got shape "
+                         f"{labels.shape} of {labels.dtype}")
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.size:
+        raise ValueError(f"label {int(bad[0])} is not a class of this model (0..{classes - 1})")
+    if guidance != 1.0 and null is None:
+        raise ValueError(f"guidance {guidance:g} needs a null-class row, which this model "
+                         "(model.null_class = false, e.g. an official checkpoint) does not "
+                         "have; use guidance 1")
+    return labels.astype(np.int32), guidance
 
 
 def _np(x) -> np.ndarray:

@@ -21,7 +21,7 @@ from . import backend, distributed
 from .builders import build_dataset, build_model, build_process
 from .config import PipelineConfig
 from .objectives import make_objective
-from .runs import CHANNELS
+from .runs import CHANNELS, class_rows, write_classes
 from .training.log import LOG_FIELDS, LogWindow, append_row, trim as trim_log
 from .training.run_dir import FolderLockedError, RunDir, RunDirError
 from .training.signals import Stopped, StopSignals
@@ -71,7 +71,10 @@ class Trainer:
             # resumes with another number of processes (one process: the plain stream)
             self.data = build_dataset(cfg, shard_index=self.dist.rank,
                                       num_shards=self.dist.world_size, sharding="strided")
+            self.classes = self._check_classes(cfg, self.data)
         except BaseException:
+            if self.__dict__.get("data") is not None:
+                self.data.close()
             self._close_dist()
             raise
         try:
@@ -98,6 +101,8 @@ class Trainer:
                 trim_log(self.log_path, self.step)
                 if self.initialized_from is not None:
                     self.run.write_json("init_from.json", self.state.init_record)
+                if self.classes is not None:
+                    write_classes(self.run_dir, self.classes)
             if self.dist.world_size > 1:
                 self.state.check_ranks_agree(self.dist)
                 if self.dist.rank:
@@ -124,8 +129,8 @@ class Trainer:
     skipped = _from_state("skipped", "The number of steps skipped for a non-finite loss.")
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, x0: np.ndarray | None = None,
-                   t: np.ndarray | None = None) -> tuple[float, tuple[int, int], np.ndarray]:
+    def train_step(self, x0: np.ndarray | None = None, t: np.ndarray | None = None,
+                   y: np.ndarray | None = None) -> tuple[float, tuple[int, int], np.ndarray]:
         """One optimisation step; returns ``(loss, (r_in, r_out), t)``.
 
         ``x0``: the batch (this process's share, data parallel); by default the next one
@@ -133,15 +138,40 @@ class Trainer:
         on one path (else ``ValueError``); the step trains that path, e.g. to time or
         probe one path. By default they are drawn with the paper's one-path-per-batch
         sampler (``_draw``). The noise always comes from the trainer's RNG (with a given
-        ``t`` it is the only draw of the step).
+        ``t`` it is the only draw of the step, besides a class-conditional model's label
+        dropout). ``y``: the labels of a given ``x0`` (class-conditional models, which
+        need them; the data stream's batches carry their own).
         """
         if x0 is None:
             x0 = next(self.data)
+            if self.classes is not None:
+                x0, y = x0
+        if (y is None) != (self.classes is None):
+            raise ValueError("a class-conditional model's step needs the labels y of x0"
+                             if y is None else "labels y given, but the model is unconditional")
         if t is None:
             t, key, noise = self._draw(x0.shape[0])
         else:
             t, key, noise = with_timesteps(self.process, self.rng, t, x0.shape[0])
-        return self._step_fn(x0, t, key, noise)
+        if y is None:
+            return self._step_fn(x0, t, key, noise)
+        return self._step_fn(x0, t, key, noise, y)
+
+    @staticmethod
+    def _check_classes(cfg, data):
+        """The class names of a class-conditional run's data (``None`` if unconditional);
+        a ``DataError`` if the data has no labels or another number of classes."""
+        from .data import DataError
+
+        if not cfg.model.num_classes:
+            return None
+        if data.classes is None:
+            raise DataError(f"model.num_classes = {cfg.model.num_classes}: a class-conditional "
+                            "model trains on labelled data; set data.labels = true")
+        if len(data.classes) != cfg.model.num_classes:
+            raise DataError(f"the data has {len(data.classes)} classes, model.num_classes = "
+                            f"{cfg.model.num_classes}")
+        return list(data.classes)
 
     def _draw(self, batch: int):
         """``(t, path key, noise)`` of one step: the path follows ``t[0]`` (one per batch).
@@ -271,6 +301,10 @@ class Trainer:
 
         s = self.cfg.sampler
         settings = dict(asdict(s), num_images=num_images or s.num_images)
+        labels, columns = class_rows(self.cfg.model.num_classes, settings["num_images"])
+        if labels is not None:
+            settings["num_images"] = len(labels)
         result = sample_images(self.ema_model(), self.process, self.objective, **settings,
-                               channels=CHANNELS, progress=False, execution=self.execution)
-        return save_grid(result.images, path)
+                               channels=CHANNELS, progress=False, labels=labels,
+                               execution=self.execution)
+        return save_grid(result.images, path, columns)

@@ -114,12 +114,14 @@ DEFAULTS = {
     "data": {"source": "digits", "path": "", "split_file": "", "tfds_name": "",
              "tfds_split": "train", "tfds_data_dir": "", "image_key": "image",
              "random_flip": True, "cache": False, "on_bad_image": "skip",
-             "small_images": "upscale", "num_workers": 2, "limit": 0},
+             "small_images": "upscale", "num_workers": 2, "limit": 0,
+             "labels": False, "labels_file": "", "label_key": "label", "classes": []},
     "process": {"image_size": 64, "levels": 4, "timesteps": 1000, "noise_schedule": "linear",
                 "resolution_schedule": "ConvexDecay-0.5"},
     "model": {"base_channels": 128, "channel_mult": [1, 2, 3, 4], "num_res_blocks": 2,
               "attention_resolutions": [16, 8], "num_heads": 4, "num_head_channels": -1,
-              "dropout": 0.1, "full_res_change_via_upsample": True},
+              "dropout": 0.1, "full_res_change_via_upsample": True,
+              "num_classes": 0, "null_class": True},
     "loss": {"target": "x0", "min_snr_gamma": 5.0},
     "optimizer": {"lr": 1e-4, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999,
                   "epsilon": 1e-8, "grad_clip": 1.0},
@@ -128,10 +130,11 @@ DEFAULTS = {
               "checkpoint_every": 5000, "sample_every": 10000, "keep_checkpoints": 3,
               "milestones": [], "on_nonfinite": "stop", "loss_scale_init": 65536.0,
               "loss_scale_growth_interval": 2000, "allreduce_bucket_mb": 25.0, "graph": "auto",
-              "init_from": "", "init_weights": "ema", "init_strict": True},
+              "init_from": "", "init_weights": "ema", "init_strict": True,
+              "cond_drop_prob": 0.1},
     "sampler": {"steps": 1000, "noise": "exact", "lanczos_iterations": 40, "clip": True,
                 "variance": "fixed_small", "method": "ancestral", "eta": 0.0, "num_images": 16,
-                "batch_size": 16, "seed": 0, "graph": "auto"},
+                "batch_size": 16, "seed": 0, "graph": "auto", "guidance": 1.0},
     "eval": {"num_samples": 1000, "inception_weights": "", "reference": "", "reference_images": 50000,
              "chunk_size": 0, "cache_dir": ""},
 }
@@ -572,7 +575,8 @@ def test_sections_are_validated_when_built_directly():
         "<config>: model.dropout = true: expected a number, got a boolean",
         "<config>: model.chanel_mult = 3: unknown key in [model]; did you mean model.channel_mult? "
         "valid keys: base_channels, channel_mult, num_res_blocks, attention_resolutions, "
-        "num_heads, num_head_channels, dropout, full_res_change_via_upsample",
+        "num_heads, num_head_channels, dropout, full_res_change_via_upsample, num_classes, "
+        "null_class",
     ]
     with pytest.raises(ConfigError, match=r'^<config>: sampler.noise = "x": must be one of "exact", "lanczos"$'):
         SamplerConfig(100, "x")  # positional arguments are named too

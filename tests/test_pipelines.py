@@ -71,7 +71,9 @@ def test_pipeline_builds_trains_and_samples(name, tmp_path):
 
     full = load_pipeline(ROOT / "pipelines" / f"{name}.toml")
     batch = 2 if full.process.image_size >= 128 else 4
-    cfg = load_pipeline(ROOT / "pipelines" / f"{name}.toml", REDUCED + [
+    # class-conditional pipelines: the digits' 10 classes stand in for the data's
+    classes = ["model.num_classes=10"] if full.model.num_classes else []
+    cfg = load_pipeline(ROOT / "pipelines" / f"{name}.toml", REDUCED + classes + [
         f"train.batch_size={batch}", f'run.output_dir="{tmp_path.as_posix()}"',
         "train.steps=1", "train.sample_every=0"])
     # the structure is the pipeline's own
@@ -85,7 +87,8 @@ def test_pipeline_builds_trains_and_samples(name, tmp_path):
     from keras import ops
 
     before = [ops.convert_to_numpy(v.value) for v in trainer.model.trainable_variables]
-    loss, key, t = trainer.train_step(x0)
+    y = np.arange(batch) % 10 if cfg.model.num_classes else None
+    loss, key, t = trainer.train_step(x0, y=y)
     assert np.isfinite(loss) and trainer.step == 1
     assert key == trainer.process.path_at(int(t[0]))
     changed = sum(not np.array_equal(b, ops.convert_to_numpy(v.value))
@@ -95,7 +98,8 @@ def test_pipeline_builds_trains_and_samples(name, tmp_path):
     s = cfg.sampler
     result = sample_images(trainer.model, trainer.process, trainer.objective, num_images=1,
                            steps=2, noise=s.noise, variance=s.variance, batch_size=1,
-                           progress=False)
+                           progress=False, labels=[7] if cfg.model.num_classes else None,
+                           guidance=s.guidance)
     assert result.images.shape == (1, size, size, 3)
     assert np.all(np.isfinite(result.images)) and np.abs(result.images).max() <= 1.0
     assert result.network_calls == len(trainer.process.respace(2)) == 2 + cfg.process.levels - 1

@@ -19,6 +19,10 @@ Stream. The shard's epochs are concatenated into one endless stream; a batch is 
 and no image is dropped). Bad images are skipped in place. The resume state is the stream
 position after the last batch handed out: ``{"epoch", "position"}`` (+ consistency fields).
 
+Labels. A source opened with labels (``make_dataset(labels=True)``) makes every batch a
+pair ``(x, y)``: ``y`` int64 (B,) holds the class indices of the images of ``x``, in the
+order of ``ImageBatches.classes``. The stream and its state are the same as without.
+
 Workers. Decoding runs in a thread pool (PIL releases the GIL while decoding and
 resampling); a background thread assembles batches in stream order and keeps ``prefetch``
 of them ready. ``num_workers=0`` decodes in that thread, ``prefetch=0`` does everything
@@ -60,10 +64,11 @@ class SmallImageWarning(UserWarning):
 
 
 class _Decoded:
-    __slots__ = ("array", "error", "small_size")
+    __slots__ = ("array", "error", "small_size", "label")
 
-    def __init__(self, array=None, error=None, small_size=None):
+    def __init__(self, array=None, error=None, small_size=None, label=None):
         self.array, self.error, self.small_size = array, error, small_size
+        self.label = label
 
 
 def _decode(source, index: int, image_size: int) -> _Decoded:
@@ -76,7 +81,9 @@ def _decode(source, index: int, image_size: int) -> _Decoded:
     except Exception as e:  # corrupt, truncated, unknown format, decompression bomb, ...
         return _Decoded(error=f"{type(e).__name__}: {e}")
     small = size if min(size) < image_size else None
-    return _Decoded(array=array, small_size=small)
+    # a label outside the classes is a DataError: raised, never skipped as a bad image
+    label = source.label(index) if getattr(source, "classes", None) is not None else None
+    return _Decoded(array=array, small_size=small, label=label)
 
 
 class _InlineFuture:
@@ -106,6 +113,7 @@ class _Pipeline:
         self.small_images, self.num_workers = small_images, num_workers
         self.shard_index, self.num_shards = shard_index, num_shards
         self.num_images = num_images
+        self.labelled = getattr(source, "classes", None) is not None
         # the range of the state's position: the shard's slice, or the global epoch
         self.images_per_epoch = num_images if sharding == "strided" else num_images // num_shards
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
@@ -166,7 +174,8 @@ class _Pipeline:
         if self.cache is not None:
             array = self.cache.get(index)
             if array is not None:
-                return _InlineFuture(_Decoded(array=array))
+                label = self.source.label(index) if self.labelled else None
+                return _InlineFuture(_Decoded(array=array, label=label))
         if self.executor is None:
             return _InlineFuture(_decode(self.source, index, self.image_size))
         return self.executor.submit(_decode, self.source, index, self.image_size)
@@ -235,7 +244,7 @@ class _Pipeline:
         size, expected_small = self.image_size, self.source.expected_small
         try:
             while True:
-                arrays, notes = [], []
+                arrays, labels, notes = [], [], []
                 while len(arrays) < self.batch_size:
                     while len(pending) < window:
                         ep, pos, index, flip = next(stream)
@@ -256,11 +265,14 @@ class _Pipeline:
                     if self.cache is not None and index not in self.cache:
                         self.cache[index] = result.array
                     arrays.append(result.array[:, ::-1] if flip else result.array)
+                    labels.append(result.label)
                 batch = np.empty((self.batch_size, size, size, 3), np.float32)
                 for i, array in enumerate(arrays):
                     batch[i] = array
                 batch /= 127.5
                 batch -= 1.0
+                if self.labelled:
+                    batch = (batch, np.asarray(labels, np.int64))
                 yield batch, (epoch, position), notes
         finally:
             for item in pending:
@@ -301,7 +313,8 @@ class ImageBatches:
 
     ``next(it)`` gives the next batch; ``state()`` / ``restore(state)`` resume exactly;
     ``report()`` has the bad/small image counters; ``close()`` (or ``with``) stops the
-    background threads. Attributes: ``num_images`` (images in the source, after ``limit``),
+    background threads. With labels each batch is ``(x, y)`` and ``classes`` names the
+    classes (else ``None``). Attributes: ``num_images`` (images in the source, after ``limit``),
     ``images_per_epoch`` (per shard), ``epoch`` (of the next image), ``num_bad``, ``num_small``.
     """
 
@@ -316,6 +329,7 @@ class ImageBatches:
                 f"the dataset has {num_images} image(s), fewer than num_shards={num_shards}"
             )
         self.source = source
+        self.classes = getattr(source, "classes", None)
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.shard_index, self.num_shards = shard_index, num_shards
         self.sharding = sharding
@@ -527,7 +541,8 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
                  random_flip: bool = True, cache: bool = False, on_bad_image: str = "skip",
                  small_images: str = "upscale", num_workers: int = 2, prefetch: int = 2,
                  shard_index: int = 0, num_shards: int = 1, sharding: str = "contiguous",
-                 limit: int | None = None) -> ImageBatches:
+                 limit: int | None = None, labels: bool = False, labels_file: str | None = None,
+                 label_key: str = "label", classes=()) -> ImageBatches:
     """Open an image source as an endless, seeded, resumable stream of training batches.
 
     Args:
@@ -553,6 +568,10 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
       sharding: "contiguous" (a slice of every epoch per shard) or "strided" (every
         ``num_shards``-th image of one global stream; resumable with another shard count).
       limit: use only the first ``limit`` images of the source (in listing order).
+      labels: batches are ``(x, y)`` with the images' class indices: the digits' own,
+        the class subfolders of ``path`` (or ``labels_file``: ``relative/path,class``
+        lines), the tfds feature ``label_key``. ``classes``: the class names in label
+        order (default: those found, sorted; a class not listed is an error).
 
     Returns:
       an ``ImageBatches`` iterator; ``next(it)`` is ``float32 (batch_size, image_size,
@@ -591,19 +610,23 @@ def make_dataset(source: str, image_size: int, batch_size: int, *, seed: int = 0
                 f"source={source!r}"
             )
 
+    if labels_file is not None and source != "folder":
+        raise ValueError(f"labels_file={labels_file!r} is only used with source='folder'")
+    classes = tuple(classes)
     if source == "digits":
-        src = DigitsSource()
+        src = DigitsSource(labels, classes)
     elif source == "folder":
         if path is None:
             raise ValueError("source='folder' needs path=<folder of images>, got path=None")
-        src = FolderSource(path, split_file)
+        src = FolderSource(path, split_file, labels, labels_file, classes)
     else:
         if not tfds_name:
             raise ValueError(
                 "source='tfds' needs tfds_name=<dataset name, e.g. 'cifar10' or "
                 f"'imagenet_resized/64x64'>, got tfds_name={tfds_name!r}"
             )
-        src = TfdsSource(tfds_name, tfds_split, tfds_data_dir, image_key)
+        src = TfdsSource(tfds_name, tfds_split, tfds_data_dir, image_key, labels, label_key,
+                         classes)
 
     return ImageBatches(
         src, image_size=int(image_size), batch_size=int(batch_size), seed=int(seed),

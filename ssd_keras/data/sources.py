@@ -3,6 +3,11 @@
 A source is a sequence of images addressed by index: ``len(source)``, ``source.load(i)``
 returns a PIL image (any mode) or raises for unreadable data, and ``source.describe(i)``
 names item ``i`` for messages (a file path, or ``tfds:name/split[i]``).
+
+Labels (class-conditional training, ``data.labels``): a source opened with labels has
+``classes`` (the class names, in label order) and ``label(i)``, the class index of item
+``i``: the digits' own targets, a folder's class subfolders (ImageFolder's convention) or
+a labels file, a tfds label feature. Without labels ``classes`` is ``None``.
 Nothing here imports TensorFlow, Keras or torch.
 """
 
@@ -37,11 +42,21 @@ class DigitsSource:
     name = "digits"
     expected_small = True
 
-    def __init__(self) -> None:
+    def __init__(self, labels: bool = False, classes=()) -> None:
         from sklearn.datasets import load_digits
 
-        images = load_digits().images  # (1797, 8, 8) float64 in 0..16
+        digits = load_digits()
+        images = digits.images  # (1797, 8, 8) float64 in 0..16
         self._images = np.round(images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        self.classes = None
+        if labels:
+            found = [str(d) for d in range(10)]
+            self.classes = _declared_order(found, classes, "the digits")
+            index = {name: i for i, name in enumerate(self.classes)}
+            self._labels = np.array([index[str(int(d))] for d in digits.target], np.int64)
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
 
     def __len__(self) -> int:
         return len(self._images)
@@ -86,17 +101,54 @@ def read_split_file(split_file: str | os.PathLike) -> list[str]:
     return entries
 
 
+def _declared_order(found, declared, where: str) -> list[str]:
+    """The class list: ``declared`` (data.classes) if given, else ``found`` sorted; a class
+    found in the data but not declared is an error naming it."""
+    if not declared:
+        return sorted(found)
+    unknown = [c for c in sorted(set(found)) if c not in declared]
+    if unknown:
+        raise DataError(f"{where} has class {unknown[0]!r}, which data.classes does not list "
+                        f"({len(declared)} classes: {', '.join(list(declared)[:10])}"
+                        f"{', ...' if len(declared) > 10 else ''})")
+    return list(declared)
+
+
+def read_labels_file(path: str) -> dict[str, str]:
+    """``relative/path.png,class`` per line (blank lines and # comments skipped)."""
+    entries = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            file, comma, name = line.rpartition(",")
+            if not comma or not file.strip() or not name.strip():
+                raise DataError(f"labels_file {path!r} line {number}: expected "
+                                f"`relative/path.png,class`, got {line!r}")
+            entries[file.strip()] = name.strip()
+    if not entries:
+        raise DataError(f"labels_file {path!r} lists no images")
+    return entries
+
+
 class FolderSource:
     """Images in a folder tree (jpg, jpeg, png, webp, bmp), in sorted order.
 
     With ``split_file``, exactly the files it lists (paths relative to ``root``, or
     absolute), in the file's order; every listed file must exist.
+
+    With ``labels``: each image's class is its top subfolder (``root/<class>/...``, the
+    ImageFolder convention), or, with ``labels_file``, the class that file gives it
+    (then the images are the ones it lists, unless ``split_file`` picks them).
     """
 
     name = "folder"
     expected_small = False
 
-    def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike | None = None,
+                 labels: bool = False, labels_file: str | os.PathLike | None = None,
+                 classes=()):
         root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         if not os.path.exists(root):
             raise MissingDataError(f"data path {root!r} does not exist (path={root!r})")
@@ -106,7 +158,21 @@ class FolderSource:
                 "holds the images"
             )
         self.root = root
-        if split_file is not None:
+        by_file = None
+        if labels and labels_file is not None:
+            labels_file = os.path.abspath(os.path.expanduser(os.fspath(labels_file)))
+            if not os.path.isfile(labels_file):
+                raise MissingDataError(f"labels_file {labels_file!r} does not exist")
+            by_file = read_labels_file(labels_file)
+            if split_file is None:
+                missing = [p for p in by_file if not os.path.isfile(os.path.join(root, p))]
+                if missing:
+                    raise MissingDataError(
+                        f"{len(missing)} of the {len(by_file)} files listed in labels_file "
+                        f"{labels_file!r} do not exist under {root!r}: {missing[0]!r}")
+        if by_file is not None and split_file is None:
+            rel_paths = list(by_file)
+        elif split_file is not None:
             split_file = os.path.abspath(os.path.expanduser(os.fspath(split_file)))
             if not os.path.isfile(split_file):
                 raise MissingDataError(f"split_file {split_file!r} does not exist")
@@ -135,6 +201,35 @@ class FolderSource:
                     f"{', '.join(IMAGE_EXTENSIONS)}, any case); {detail}"
                 )
         self.files = rel_paths
+        self.classes = None
+        if labels:
+            names = self._class_names(by_file, labels_file)
+            self.classes = _declared_order(set(names), classes, f"data path {root!r}")
+            index = {name: i for i, name in enumerate(self.classes)}
+            self._labels = np.array([index[n] for n in names], np.int64)
+
+    def _class_names(self, by_file, labels_file) -> list[str]:
+        if by_file is not None:
+            missing = [p for p in self.files if p not in by_file]
+            if missing:
+                raise DataError(f"labels_file {labels_file!r} gives no class for "
+                                f"{len(missing)} image(s), e.g. {missing[0]!r}")
+            return [by_file[p] for p in self.files]
+        top = [Path(p).parts for p in self.files]
+        if not any(len(parts) > 1 for parts in top):
+            raise DataError(
+                f"data.labels = true, but {self.root!r} has no class subfolders (the images "
+                "must lie in <path>/<class>/...), and no data.labels_file is given")
+        loose = [p for p, parts in zip(self.files, top) if len(parts) == 1]
+        if loose:
+            raise DataError(
+                f"image {os.path.join(self.root, loose[0])!r} is not in a class subfolder "
+                f"({len(loose)} such image(s)); with data.labels = true every image lies in "
+                "<path>/<class>/...")
+        return [parts[0] for parts in top]
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -181,7 +276,8 @@ class TfdsSource:
     expected_small = False
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
-                 image_key: str = "image"):
+                 image_key: str = "image", labels: bool = False, label_key: str = "label",
+                 classes=()):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -215,6 +311,30 @@ class TfdsSource:
                 f"tfds feature {name!r}[{image_key!r}] has shape {shape}, not an image "
                 "(H, W[, 1|3|4])"
             )
+        self.classes, self.label_key = None, label_key
+        if labels:
+            if label_key not in first:
+                raise DataError(f"tfds dataset {name!r} has no feature label_key={label_key!r}; "
+                                f"its features are {sorted(first)}")
+            names = None
+            try:  # a ClassLabel feature names its classes
+                names = list(self._ds.dataset_info.features[label_key].names)
+            except Exception:
+                pass
+            if names is None and not classes:
+                raise DataError(f"tfds feature {name!r}[{label_key!r}] names no classes; list "
+                                "them in data.classes")
+            self.classes = list(classes) if classes else names
+            if classes and names is not None and len(names) != len(classes):
+                raise DataError(f"tfds feature {name!r}[{label_key!r}] has {len(names)} "
+                                f"classes, data.classes lists {len(classes)}")
+
+    def label(self, index: int) -> int:
+        value = int(np.asarray(self._ds[index][self.label_key]))
+        if not 0 <= value < len(self.classes):
+            raise DataError(f"{self.describe(index)}: label {value} is not a class "
+                            f"(0..{len(self.classes) - 1})")
+        return value
 
     @staticmethod
     def _explain(tfds, error: Exception, name: str, split: str, data_dir: str | None):

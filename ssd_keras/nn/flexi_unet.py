@@ -35,6 +35,15 @@ owns one *union* Functional model, ``.model``, with an input per level resolutio
 is sliced out of it as ``keras.Model([x_{r_in}, t], out_path)``, so all paths share the
 very same variable objects, and saving/loading goes through the union model (its
 ``.weights.h5`` keys follow layer class and graph order, which is fixed for a config).
+
+Class-conditional (``num_classes > 0``): as ADM built with ``num_classes``, a class
+embedding ``label_emb`` (one row per class) is looked up by an integer label input ``y``
+and added to the time embedding, so every block of every path sees it; every path then
+takes ``[x, t, y]``. With ``null_class`` (the default) the embedding has one more row,
+index ``num_classes``, the learned "no class" of classifier-free guidance
+(``null_label``; docs/sampling.md). An official class-conditional checkpoint has no such
+row (``null_class=False``). Unconditional models (``num_classes = 0``) have exactly
+the inputs, variables and outputs they always had.
 """
 
 
@@ -82,6 +91,10 @@ class FlexiUNet:
         num_heads, num_head_channels: heads, or channels per head if not -1 (as ADM).
         dropout: ResBlock dropout rate.
         full_res_change_via_upsample: see the module docstring.
+        num_classes: classes of a class-conditional network (0: unconditional); see
+            the module docstring.
+        null_class: with ``num_classes``, one more embedding row, the "no class" label
+            ``num_classes`` of classifier-free guidance (official checkpoints: False).
         dtype: a Keras dtype policy (name), e.g. ``"mixed_bfloat16"``; ``None`` takes
             the global policy. Variables are float32 under mixed policies, GroupNorm
             computes in float32 and every path returns float32.
@@ -102,6 +115,8 @@ class FlexiUNet:
         num_head_channels=-1,
         dropout=0.0,
         full_res_change_via_upsample=True,
+        num_classes=0,
+        null_class=True,
         dtype=None,
     ):
         self.image_size = int(image_size)
@@ -118,6 +133,8 @@ class FlexiUNet:
         self.num_head_channels = int(num_head_channels)
         self.dropout = float(dropout)
         self.full_res_change_via_upsample = bool(full_res_change_via_upsample)
+        self.num_classes = int(num_classes)
+        self.null_class = bool(null_class)
         policy = keras.config.dtype_policy() if dtype is None else dtype
         self.dtype_policy = keras.dtype_policies.get(policy)
         self._validate()
@@ -207,6 +224,8 @@ class FlexiUNet:
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
 
     # ------------------------------------------------------------------ layers
     def _build_layers(self):
@@ -225,6 +244,10 @@ class FlexiUNet:
         self.time_embed = L.TimestepEmbedding(
             self.base_channels, emb_dim, name="time_embed", dtype=p
         )
+        self.label_emb = None
+        if self.num_classes:
+            rows = self.num_classes + (1 if self.null_class else 0)
+            self.label_emb = L.ClassEmbedding(rows, emb_dim, name="label_emb", dtype=p)
         self.conv_in = L._conv(ch[0], 3, "input_blocks_0_0", p)
 
         # Encoder: enc[k] = [(ResBlock, Attention|None)] * nrb, down[k] = Downsample|None
@@ -356,6 +379,11 @@ class FlexiUNet:
         }
         self.t_input = keras.Input((), dtype="float32", name="t")
         emb = self.time_embed(self.t_input)
+        self.y_input = None
+        if self.label_emb is not None:  # ADM: emb = time_embed(t) + label_emb(y)
+            self.y_input = keras.Input((), dtype="int32", name="y")
+            emb = keras.layers.Add(name="emb_plus_label", dtype=self.dtype_policy)(
+                [emb, self.label_emb(self.y_input)])
         self._outputs, self._skips = {}, {}
         r_max = self.image_size
         for r_in, r_out in self._path_keys:
@@ -369,12 +397,22 @@ class FlexiUNet:
             self._outputs[(r_in, r_out)] = out
             self._skips[(r_in, r_out)] = skips
         self.model = keras.Model(
-            inputs=[self.inputs[r] for r in self.resolutions] + [self.t_input],
+            inputs=[self.inputs[r] for r in self.resolutions] + self._cond_inputs(),
             outputs=[self._outputs[key] for key in self._path_keys],
             name="flexi_unet",
         )
 
+    def _cond_inputs(self):
+        """The inputs after x: ``[t]``, or ``[t, y]`` for a class-conditional network."""
+        return [self.t_input] + ([self.y_input] if self.y_input is not None else [])
+
     # ------------------------------------------------------------------ public API
+    @property
+    def null_label(self):
+        """The label of the learned "no class" row (``num_classes``), or ``None`` when the
+        network is unconditional or has no such row (an official checkpoint's)."""
+        return self.num_classes if self.num_classes and self.null_class else None
+
     @property
     def path_keys(self):
         """All valid ``(r_in, r_out)`` pairs, in a fixed order."""
@@ -392,11 +430,12 @@ class FlexiUNet:
     def path(self, r_in, r_out):
         """The Functional sub-model of path ``(r_in, r_out)``, called as
         ``model([x, t], training=...)`` with x (B, r_in, r_in, in_channels) and t (B,)
-        float32 timestep indices; returns (B, r_out, r_out, out_channels) float32."""
+        float32 timestep indices; returns (B, r_out, r_out, out_channels) float32.
+        A class-conditional network's paths take ``[x, t, y]``, y (B,) int32 labels."""
         key = self._check_key(r_in, r_out)
         if key not in self._paths:
             self._paths[key] = keras.Model(
-                inputs=[self.inputs[key[0]], self.t_input],
+                inputs=[self.inputs[key[0]]] + self._cond_inputs(),
                 outputs=self._outputs[key],
                 name=f"path_{key[0]}_{key[1]}",
             )
@@ -416,7 +455,7 @@ class FlexiUNet:
         skips = self._skips[key]
         if key not in self._probes:
             self._probes[key] = keras.Model(
-                inputs=[self.inputs[key[0]], self.t_input],
+                inputs=[self.inputs[key[0]]] + self._cond_inputs(),
                 outputs=[s for _, s, _ in skips],
                 name=f"skip_probe_{key[0]}_{key[1]}",
             )
@@ -459,6 +498,8 @@ class FlexiUNet:
             "num_head_channels": self.num_head_channels,
             "dropout": self.dropout,
             "full_res_change_via_upsample": self.full_res_change_via_upsample,
+            "num_classes": self.num_classes,
+            "null_class": self.null_class,
             "dtype": self.dtype_policy.name,
         }
 

@@ -211,6 +211,35 @@ class TimestepEmbedding(_Configured):
 
 
 @keras.saving.register_keras_serializable(package="ssd_keras")
+class ClassEmbedding(_Configured):
+    """ADM's ``label_emb`` (``nn.Embedding(num_classes, time_embed_dim)``): one learned
+    row per class, looked up by an integer label ``y`` (B,) and added to the time
+    embedding by the Flexi-UNet. ``rows`` may hold one more row than the classes, the
+    learned "no class" row of classifier-free guidance (docs/sampling.md).
+
+    Holds ``embeddings`` (rows, embed_dim), initialised N(0, 1) as torch's ``Embedding``.
+    """
+
+    config_keys = ("rows", "embed_dim")
+
+    def __init__(self, rows, embed_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = int(rows)
+        self.embed_dim = int(embed_dim)
+
+    def build(self, y_shape):
+        self.embeddings = self.add_weight(
+            shape=(self.rows, self.embed_dim),
+            initializer=keras.initializers.RandomNormal(stddev=1.0), name="embeddings")
+
+    def call(self, y):
+        return ops.take(ops.cast(self.embeddings, self.compute_dtype), ops.cast(y, "int32"), axis=0)
+
+    def compute_output_shape(self, y_shape):
+        return (y_shape[0], self.embed_dim)
+
+
+@keras.saving.register_keras_serializable(package="ssd_keras")
 class ResBlock(_Configured):
     """ADM ResBlock with scale-shift norm, called as ``block(x, emb, training=...)``.
 

@@ -8,6 +8,11 @@ them to the path's variables only (``backend.Execution.apply_gradients``) and up
 (``training.loss_scale``). Data parallel, the ranks average their gradients first
 (``DataParallelStep``, docs/distributed.md).
 
+Class-conditional models: the step also takes the batch's labels; ``drop_labels``
+replaces each by the null class with probability ``train.cond_drop_prob`` (classifier-free
+guidance's label dropout, from the trainer's RNG) and the path gets them as its third
+input. Unconditional models take exactly the inputs they always took.
+
 Every framework call goes through ``ssd_keras.backend``.
 """
 
@@ -60,6 +65,16 @@ def _checked_timesteps(process, t, batch: int) -> np.ndarray:
     return t.astype(np.int64, copy=False)
 
 
+def drop_labels(y, rng: np.random.Generator, prob: float, null_label) -> np.ndarray:
+    """The labels ``y`` with each replaced by ``null_label`` with probability ``prob``
+    (one uniform draw per image from ``rng``; none when ``prob`` is 0), as int32."""
+    y = np.asarray(y).astype(np.int32)
+    if prob <= 0:
+        return y
+    drop = rng.random(y.shape[0]) < prob
+    return np.where(drop, np.int32(null_label), y)
+
+
 # ---------------------------------------------------------------------- loss, EMA
 def weighted_mse(prediction, target, weight):
     """The training loss: the per-image mean squared error, weighted, averaged over the batch."""
@@ -94,7 +109,7 @@ class PathGradients:
         self._unions: dict = {}
 
     def __call__(self, key):
-        """``(path model, fn(x, t, target, weight) -> (loss, grads))`` of path ``key``."""
+        """``(path model, fn(x, t[, y], target, weight) -> (loss, grads))`` of path ``key``."""
         if key not in self._fns:
             path = self.model.path(*key)
             self._fns[key] = (path, self.execution.loss_and_grads(path, self.loss_fn))
@@ -112,7 +127,8 @@ class PathGradients:
 # ---------------------------------------------------------------------- the step
 class Step:
     """One optimisation step of one process on the training state ``state``
-    (``training.state.TrainState``): ``step(x0, t, key, noise) -> (loss, key, t)``.
+    (``training.state.TrainState``): ``step(x0, t, key, noise[, y]) -> (loss, key, t)``
+    (``y``: the batch's labels, class-conditional models only).
 
     The loss is scaled by the state's loss scale (``training.loss_scale``: 1 unless
     ``mixed_float16``) through the per-image weights; the gradients are unscaled and
@@ -127,25 +143,27 @@ class Step:
         self.cfg = cfg
         self.jax_distribution = jax_distribution
 
-    def __call__(self, x0, t, key, noise):
+    def __call__(self, x0, t, key, noise, y=None):
         path, loss_and_grads = self.gradients(key)
-        inputs = self.inputs(x0, t, noise)
+        inputs = self.inputs(x0, t, noise, y)
         loss, grads = loss_and_grads(*inputs)
         return self.finish(loss, grads, key, path, t)
 
-    def inputs(self, x0, t, noise):
-        """``(x_t, t, target, weight)`` of the loss-and-gradients function; ``weight`` is
-        multiplied by the loss scale (exact: the scale is a power of 2)."""
+    def inputs(self, x0, t, noise, y=None):
+        """``(x_t, t[, y], target, weight)``: the path model's inputs, then the target and
+        the per-image weight, for the loss-and-gradients function (``y``: the labels of a
+        class-conditional model, some dropped to the null class); ``weight`` is multiplied
+        by the loss scale (exact: the scale is a power of 2)."""
         from keras import ops
 
         x_t, target, weight = self.objective.training_example(ops.convert_to_tensor(x0), t, noise)
         weight = np.asarray(weight, np.float32) * np.float32(self.state.loss_scale.scale)
-        inputs = (
-            x_t,
-            ops.convert_to_tensor(t.astype(np.float32)),
-            ops.convert_to_tensor(target, dtype="float32"),
-            ops.convert_to_tensor(weight),
-        )
+        inputs = (x_t, ops.convert_to_tensor(t.astype(np.float32)))
+        if y is not None:  # class-conditional: labels, some dropped to the null class
+            y = drop_labels(y, self.state.rng, self.cfg.train.cond_drop_prob,
+                            self.state.model.null_label)
+            inputs += (ops.convert_to_tensor(y, dtype="int32"),)
+        inputs += (ops.convert_to_tensor(target, dtype="float32"), ops.convert_to_tensor(weight))
         if self.jax_distribution is not None:  # the batch split over the local devices
             inputs = distributed.shard_batch(self.jax_distribution, *inputs)
         return inputs
@@ -206,7 +224,7 @@ class DataParallelStep(Step):
         self.dist = dist
         self.signals = signals
 
-    def __call__(self, x0, t, key, noise):
+    def __call__(self, x0, t, key, noise, y=None):
         """One data-parallel step (docs/distributed.md).
 
         Every rank first gathers the ranks' paths, so all agree on the union of their
@@ -223,7 +241,7 @@ class DataParallelStep(Step):
         keys = self.dist.gather_paths(key)
         union = self.gradients.union(keys)
         path, loss_and_grads = self.gradients(key)
-        inputs = self.inputs(x0, t, noise)
+        inputs = self.inputs(x0, t, noise, y)
         reduction = self.dist.begin_step(union, path.trainable_variables)
         try:
             loss, grads = loss_and_grads(*inputs)
