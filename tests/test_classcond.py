@@ -207,8 +207,8 @@ def test_training_feeds_the_data_labels_with_dropout_to_the_path(tmp_path):
         def spy(key):  # the path's loss-and-gradients function, recording its labels input
             path, fn = gradients(key)
 
-            def recorded(*inputs):
-                seen.append(np_(inputs[-1]))
+            def recorded(*inputs):  # (x_t, t, y, target, weight)
+                seen.append(np_(inputs[2]))
                 return fn(*inputs)
             return path, recorded
 

@@ -140,6 +140,7 @@ class Step:
         self.state = state
         self.objective = objective
         self.gradients = gradients
+        self.execution = gradients.execution  # how the optimizer update runs here
         self.cfg = cfg
         self.jax_distribution = jax_distribution
 
@@ -192,7 +193,7 @@ class Step:
     def apply(self, grads, variables) -> None:
         """The optimizer update on ``variables`` (no others), then the EMA."""
         state = self.state
-        self.gradients.execution.apply_gradients(state.optimizer, grads, variables)
+        self.execution.apply_gradients(state.optimizer, grads, variables)
         state.step += 1
         state.ema = update_ema(state.ema, state.model.trainable_variables,
                                ema_rate(self.cfg.ema, state.step))
