@@ -141,13 +141,7 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
     else:
         cfg, reason = find_pipeline(tensors, checkpoint)
         cfg = class_conditional(cfg, tensors, checkpoint)
-    run_name = name or checkpoint.stem
-    cfg = cfg.replace(run={"name": run_name, "output_dir": str(runs_dir)})
-    run_dir = Path(runs_dir) / run_name
-    if run_dir.exists():
-        raise OfficialCheckpointError(
-            f"{run_dir} already exists; choose another name with --name (nothing was changed)"
-        )
+    cfg, run_dir = _new_run(cfg, name or checkpoint.stem, runs_dir)
 
     model = build_model(cfg, precision="float32", channels=CHANNELS)
     arrays, unused = keras_arrays(model, tensors, source=str(checkpoint))
@@ -166,6 +160,17 @@ def import_checkpoint(checkpoint, *, pipeline=None, name: str | None = None,
     write_run(model, cfg, step, record, run_dir, header=f"imported from {checkpoint.name} ({reason})")
     return ImportReport(run_dir, reason.split(":")[0], reason, official_count,
                         int(model.count_params()), unused, step)
+
+
+def _new_run(cfg, run_name: str, runs_dir):
+    """``(cfg named run_name in runs_dir, its run directory)``, refused if that exists."""
+    cfg = cfg.replace(run={"name": run_name, "output_dir": str(runs_dir)})
+    run_dir = Path(runs_dir) / run_name
+    if run_dir.exists():
+        raise OfficialCheckpointError(
+            f"{run_dir} already exists; choose another name with --name (nothing was changed)"
+        )
+    return cfg, run_dir
 
 
 def write_run(model, cfg: PipelineConfig, step: int, record: dict, run_dir: Path, *,
@@ -211,13 +216,7 @@ def import_safetensors(path: Path, *, pipeline=None, name: str | None = None,
         cfg, reason = load_pipeline(pipeline), f"{Path(pipeline).name}: named with --pipeline"
     else:
         cfg, reason = pipeline_of(meta, str(path)), f"{path.name}: the pipeline in its metadata"
-    run_name = name or path.stem
-    cfg = cfg.replace(run={"name": run_name, "output_dir": str(runs_dir)})
-    run_dir = Path(runs_dir) / run_name
-    if run_dir.exists():
-        raise OfficialCheckpointError(
-            f"{run_dir} already exists; choose another name with --name (nothing was changed)"
-        )
+    cfg, run_dir = _new_run(cfg, name or path.stem, runs_dir)
     model = build_model(cfg, precision="float32", channels=CHANNELS)
     arrays, _, _ = match_named(model.trainable_variables, tensors, strict=True, source=str(path),
                               hint=False)
