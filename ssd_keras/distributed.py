@@ -213,15 +213,21 @@ def world_size_from_env() -> int:
     return n
 
 
-def timeout_from_env() -> float:
-    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+def seconds_from_env(name: str, default: float, error=ValueError) -> float:
+    """The positive number of seconds in environment variable ``name`` (``default`` if
+    unset); anything else raises ``error`` naming the variable and its value."""
+    text = os.environ.get(name, str(default))
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise DistributedError(f"{TIMEOUT_ENV} = {text!r}: must be a number of seconds > 0")
+        raise error(f"{name} = {text!r}: must be a number of seconds > 0")
     return value
+
+
+def timeout_from_env() -> float:
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, DistributedError)
 
 
 def context(cfg=None):

@@ -42,6 +42,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .distributed import seconds_from_env
+
 LOCK_NAME = ".lock"
 RECORD_NAME = "lock.json"
 HEARTBEAT_S = 30.0
@@ -71,14 +73,7 @@ def _parse(text) -> _dt.datetime | None:
 
 
 def stale_after_from_env() -> float:
-    text = os.environ.get(STALE_ENV, str(DEFAULT_STALE_S))
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise FolderLockedError(f"{STALE_ENV} = {text!r}: must be a number of seconds > 0")
-    return value
+    return seconds_from_env(STALE_ENV, DEFAULT_STALE_S, FolderLockedError)
 
 
 def _pid_alive(pid) -> bool:
